@@ -1,0 +1,136 @@
+"""Image grids and coordinate frames (numpy only; importable without SimpleITK).
+
+A :class:`Grid` describes a 3D image the way ITK/SimpleITK does: ``origin`` (mm, LPS),
+``spacing`` (mm), ``direction`` (3x3, columns are the i/j/k axes in LPS), ``size`` (voxels),
+all in (x, y, z) = (i, j, k) order. The voxel array of such an image is ``(Z, Y, X)``.
+
+    physical = origin + direction @ (spacing * index_xyz)
+
+Slicer's RAS differs from LPS by ``diag(-1, -1, 1)``; convert only at the Slicer boundary with
+:func:`lps_to_ras` / :func:`ras_to_lps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of a 3D image. All vectors in (x, y, z) order; mm; LPS."""
+
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    size: tuple[int, int, int]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if len(self.origin) != 3 or len(self.spacing) != 3 or len(self.size) != 3 or len(self.direction) != 9:
+            raise InputError(
+                "Grid needs 3 origin, 3 spacing, 3 size and 9 direction values; found "
+                f"{len(self.origin)}, {len(self.spacing)}, {len(self.size)}, {len(self.direction)}"
+            )
+        if min(self.spacing) <= 0:
+            raise InputError(f"Grid spacing must be positive, found {self.spacing}")
+        if min(self.size) < 1:
+            raise InputError(f"Grid size must be at least 1 voxel per axis, found {self.size}")
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_sitk(cls, image: Any) -> Grid:
+        """The grid of a SimpleITK image."""
+        return cls(
+            tuple(float(v) for v in image.GetOrigin()),
+            tuple(float(v) for v in image.GetSpacing()),
+            tuple(int(v) for v in image.GetSize()),
+            tuple(float(v) for v in image.GetDirection()),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
+        try:
+            return cls(
+                tuple(float(v) for v in d["origin"]),
+                tuple(float(v) for v in d["spacing"]),
+                tuple(int(v) for v in d["size"]),
+                tuple(float(v) for v in d.get("direction", np.eye(3).ravel())),
+            )
+        except KeyError as e:
+            raise InputError(f"grid description lacks the field {e.args[0]!r}") from None
+
+    @classmethod
+    def bounding(
+        cls, points: np.ndarray, spacing: float | tuple[float, float, float], margin_mm: float
+    ) -> Grid:
+        """An axis-aligned grid covering ``points`` ((..., 3) mm, LPS) plus ``margin_mm`` on each side."""
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+        lo = pts.min(axis=0) - margin_mm
+        hi = pts.max(axis=0) + margin_mm
+        size = np.ceil((hi - lo) / sp).astype(int) + 1
+        return cls(tuple(lo.tolist()), tuple(sp.tolist()), tuple(int(s) for s in size))
+
+    # -- properties ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "origin": list(self.origin),
+            "spacing": list(self.spacing),
+            "size": list(self.size),
+            "direction": list(self.direction),
+        }
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        """The numpy/torch array shape of an image on this grid."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    def index_to_physical_matrix(self) -> np.ndarray:
+        """4x4 affine mapping homogeneous (i, j, k, 1) to LPS mm."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction_matrix @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def physical_to_index(self, points: np.ndarray) -> np.ndarray:
+        """Continuous (i, j, k) = (x, y, z) voxel indices of LPS points ``(..., 3)``."""
+        pts = np.asarray(points, dtype=np.float64)
+        a = self.direction_matrix @ np.diag(self.spacing)
+        return np.linalg.solve(a, (pts - np.asarray(self.origin)).reshape(-1, 3).T).T.reshape(pts.shape)
+
+    def index_to_physical(self, index: np.ndarray) -> np.ndarray:
+        """LPS mm of continuous (i, j, k) indices ``(..., 3)``."""
+        idx = np.asarray(index, dtype=np.float64)
+        a = self.direction_matrix @ np.diag(self.spacing)
+        return (idx.reshape(-1, 3) @ a.T + np.asarray(self.origin)).reshape(idx.shape)
+
+    def physical_coordinates(self) -> np.ndarray:
+        """LPS mm of every voxel centre, ``(Z, Y, X, 3)`` float64."""
+        k, j, i = np.meshgrid(*(np.arange(n) for n in self.shape_zyx), indexing="ij")
+        return self.index_to_physical(np.stack([i, j, k], axis=-1))
+
+    def contains(self, points: np.ndarray, margin_voxels: float = 0.0) -> np.ndarray:
+        """Whether each LPS point ``(..., 3)`` lies inside the grid (voxel-centre extent)."""
+        idx = self.physical_to_index(points)
+        hi = np.asarray(self.size) - 1 + margin_voxels
+        return np.all((idx >= -margin_voxels) & (idx <= hi), axis=-1)
+
+
+def lps_to_ras(points: np.ndarray) -> np.ndarray:
+    """Flip x and y: LPS mm -> RAS mm (the same operation both ways)."""
+    out = np.array(points, dtype=np.float64, copy=True)
+    out[..., :2] *= -1.0
+    return out
+
+
+ras_to_lps = lps_to_ras
