@@ -146,7 +146,9 @@ def write_particles(path: PathLike, points: np.ndarray) -> None:
     elif suffix in (".particles", ".txt", ".pts"):
         text = "".join(f"{x:.9g} {y:.9g} {z:.9g}\n" for x, y, z in pts)
     else:
-        raise InputError(f"{path}: unsupported particle format {suffix!r}; expected one of {PARTICLE_SUFFIXES}")
+        raise InputError(
+            f"{path}: unsupported particle format {suffix!r}; expected one of {PARTICLE_SUFFIXES}"
+        )
     atomic_write_text(path, text)
 
 
@@ -222,7 +224,9 @@ def polydata_from_arrays(points: np.ndarray, triangles: np.ndarray) -> Any:
     tri = np.asarray(triangles, dtype=np.int64)
     cells = vtk.vtkCellArray()
     offsets = np.arange(0, 3 * len(tri) + 1, 3, dtype=np.int64)
-    cells.SetData(ns.numpy_to_vtkIdTypeArray(offsets, deep=True), ns.numpy_to_vtkIdTypeArray(tri.ravel(), deep=True))
+    cells.SetData(
+        ns.numpy_to_vtkIdTypeArray(offsets, deep=True), ns.numpy_to_vtkIdTypeArray(tri.ravel(), deep=True)
+    )
     mesh = vtk.vtkPolyData()
     mesh.SetPoints(pts)
     mesh.SetPolys(cells)

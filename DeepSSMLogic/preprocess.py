@@ -94,7 +94,12 @@ def resample_to_grid(
     ref.SetSpacing(grid.spacing)
     ref.SetDirection(grid.direction)
     out = sitk.Resample(
-        img, ref, transform if transform is not None else sitk.Transform(), interp, default_value, sitk.sitkFloat32
+        img,
+        ref,
+        transform if transform is not None else sitk.Transform(),
+        interp,
+        default_value,
+        sitk.sitkFloat32,
     )
     return sitk.GetArrayFromImage(out)
 
