@@ -76,6 +76,12 @@ def write_image(image: Any, path: PathLike, compress: bool = True) -> None:
         raise InputError(f"{target}: unsupported image format {suffix_of(target)!r}")
     with atomic_path(target) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
+        if suffix_of(target) == ".mhd":
+            # MetaImage keeps the voxels in a companion file (.raw/.zraw) named in the header; move
+            # it into place before the header so that a reader never sees a header without data.
+            for companion in tmp.parent.iterdir():
+                if companion != tmp:
+                    os.replace(companion, target.parent / companion.name)
 
 
 # -- particles ------------------------------------------------------------------------------------
@@ -83,39 +89,57 @@ def read_particles(path: PathLike) -> np.ndarray:
     """Read correspondence points as ``(M, 3)`` float64, mm, LPS."""
     p = _require_file(path, "particles")
     suffix = suffix_of(p)
+    if suffix not in PARTICLE_SUFFIXES:
+        raise InputError(f"{p}: unsupported particle format {suffix!r}; expected one of {PARTICLE_SUFFIXES}")
     try:
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            raise InputError(f"{p}: the particles file is empty (expected rows of 3 coordinates x y z)")
         if suffix == ".mrk.json":
-            pts = _read_markups_json(p)
+            pts = _read_markups_json(p, text)
         elif suffix == ".csv":
-            pts = _read_particles_csv(p)
+            pts = _read_particles_csv(p, text)
         else:
-            pts = np.loadtxt(p, dtype=np.float64, ndmin=2)
+            pts = np.loadtxt(_io.StringIO(text), dtype=np.float64, ndmin=2)
     except InputError:
         raise
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+    except (ValueError, OSError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: cannot parse particles ({e})") from None
     if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
         raise InputError(f"{p}: expected rows of 3 coordinates (x y z), found an array of shape {pts.shape}")
+    bad = np.flatnonzero(~np.all(np.isfinite(pts), axis=1))
+    if bad.size:
+        raise InputError(
+            f"{p}: {bad.size} of {len(pts)} points have NaN or Inf coordinates "
+            f"(first at point {bad[0] + 1}: {pts[bad[0]].tolist()}); expected finite x y z in mm"
+        )
     return pts
 
 
-def _read_particles_csv(p: Path) -> np.ndarray:
-    text = p.read_text(encoding="utf-8")
-    first = text.splitlines()[0] if text.strip() else ""
-    has_header = any(c.isalpha() for c in first.replace("e", "").replace("E", ""))
-    rows = list(csv.reader(_io.StringIO(text)))
+def _read_particles_csv(p: Path, text: str) -> np.ndarray:
+    rows = [r for r in csv.reader(_io.StringIO(text.lstrip("\ufeff"))) if any(v.strip() for v in r)]
+    try:  # a first row of numbers (nan and inf included) means there is no header
+        [float(v) for v in rows[0]]
+        has_header = False
+    except ValueError:
+        has_header = True
     if has_header:
         header = [h.strip().lower() for h in rows[0]]
         try:
             cols = [header.index(c) for c in ("x", "y", "z")]
         except ValueError:
             raise InputError(f"{p}: CSV header must name columns x, y, z; found {rows[0]}") from None
-        rows = [[r[c] for c in cols] for r in rows[1:] if r]
-    return np.asarray([[float(v) for v in r] for r in rows if r], dtype=np.float64)
+        rows = [[r[c] for c in cols] for r in rows[1:]]
+    return np.asarray([[float(v) for v in r] for r in rows], dtype=np.float64)
 
 
-def _read_markups_json(p: Path) -> np.ndarray:
-    doc = json.loads(p.read_text(encoding="utf-8"))
+def _read_markups_json(p: Path, text: str) -> np.ndarray:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: not a valid JSON markups file ({e})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{p}: expected a Slicer markups JSON object, found {type(doc).__name__}")
     markups = doc.get("markups") or []
     if not markups:
         raise InputError(f"{p}: no 'markups' list in the Slicer markups file")
@@ -123,7 +147,13 @@ def _read_markups_json(p: Path) -> np.ndarray:
     system = str(m.get("coordinateSystem", "LPS")).upper()
     if system not in ("LPS", "RAS"):
         raise InputError(f"{p}: coordinateSystem must be LPS or RAS, found {system!r}")
-    pts = np.asarray([cp["position"] for cp in m.get("controlPoints", [])], dtype=np.float64)
+    control_points = m.get("controlPoints") or []
+    for i, cp in enumerate(control_points):
+        if "position" not in cp:
+            raise InputError(
+                f"{p}: control point {i + 1} has no position (status {cp.get('positionStatus')!r})"
+            )
+    pts = np.asarray([cp["position"] for cp in control_points], dtype=np.float64)
     if pts.size == 0:
         raise InputError(f"{p}: the markups file has no control points")
     if system == "RAS":
@@ -134,17 +164,19 @@ def _read_markups_json(p: Path) -> np.ndarray:
 def write_particles(path: PathLike, points: np.ndarray) -> None:
     """Write ``(M, 3)`` LPS points; the format follows the suffix (.particles, .csv, .mrk.json)."""
     pts = np.asarray(points, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise InputError(f"{path}: particles must have shape (M, 3), found {pts.shape}")
+    if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
+        raise InputError(f"{path}: particles must have shape (M, 3) with M >= 1, found {pts.shape}")
     if not np.all(np.isfinite(pts)):
         raise InputError(f"{path}: refusing to write particles containing NaN or Inf")
     suffix = suffix_of(path)
+    # repr() of a Python float is the shortest text that reads back to the same float64: exact round trips.
+    rows = pts.tolist()
     if suffix == ".mrk.json":
         text = json.dumps(_markups_document(pts), indent=2)
     elif suffix == ".csv":
-        text = "x,y,z\n" + "".join(f"{x:.9g},{y:.9g},{z:.9g}\n" for x, y, z in pts)
+        text = "x,y,z\n" + "".join(f"{x!r},{y!r},{z!r}\n" for x, y, z in rows)
     elif suffix in (".particles", ".txt", ".pts"):
-        text = "".join(f"{x:.9g} {y:.9g} {z:.9g}\n" for x, y, z in pts)
+        text = "".join(f"{x!r} {y!r} {z!r}\n" for x, y, z in rows)
     else:
         raise InputError(
             f"{path}: unsupported particle format {suffix!r}; expected one of {PARTICLE_SUFFIXES}"
@@ -173,9 +205,10 @@ def _markups_document(pts: np.ndarray) -> dict[str, Any]:
 
 
 # -- meshes ---------------------------------------------------------------------------------------
-def _mesh_io_classes(suffix: str) -> tuple[Any, Any]:
+def _mesh_io_classes(path: Path) -> tuple[Any, Any]:
     import vtk
 
+    suffix = suffix_of(path)
     table = {
         ".vtk": (vtk.vtkPolyDataReader, vtk.vtkPolyDataWriter),
         ".vtp": (vtk.vtkXMLPolyDataReader, vtk.vtkXMLPolyDataWriter),
@@ -183,14 +216,14 @@ def _mesh_io_classes(suffix: str) -> tuple[Any, Any]:
         ".ply": (vtk.vtkPLYReader, vtk.vtkPLYWriter),
     }
     if suffix not in table:
-        raise InputError(f"unsupported mesh format {suffix!r}; expected one of {MESH_SUFFIXES}")
+        raise InputError(f"{path}: unsupported mesh format {suffix!r}; expected one of {MESH_SUFFIXES}")
     return table[suffix]
 
 
 def read_mesh(path: PathLike) -> Any:
     """Read a surface mesh as ``vtkPolyData`` (coordinates as stored: LPS mm for our files)."""
     p = _require_file(path, "mesh")
-    reader_cls, _ = _mesh_io_classes(suffix_of(p))
+    reader_cls, _ = _mesh_io_classes(p)
     reader = reader_cls()
     reader.SetFileName(str(p))
     reader.Update()
@@ -203,7 +236,7 @@ def read_mesh(path: PathLike) -> Any:
 def write_mesh(mesh: Any, path: PathLike) -> None:
     """Write ``vtkPolyData`` atomically; the format follows the suffix."""
     target = Path(path)
-    _, writer_cls = _mesh_io_classes(suffix_of(target))
+    _, writer_cls = _mesh_io_classes(target)
     with atomic_path(target) as tmp:
         writer = writer_cls()
         writer.SetFileName(str(tmp))
@@ -219,9 +252,28 @@ def polydata_from_arrays(points: np.ndarray, triangles: np.ndarray) -> Any:
     import vtk
     from vtk.util import numpy_support as ns
 
+    verts = np.asarray(points, dtype=np.float64)
+    tri = np.asarray(triangles)
+    if verts.ndim != 2 or verts.shape[1] != 3:
+        raise InputError(f"mesh vertices must have shape (V, 3), found {verts.shape}")
+    if not np.all(np.isfinite(verts)):
+        raise InputError("mesh vertices contain NaN or Inf")
+    if tri.ndim != 2 or tri.shape[1] != 3:
+        raise InputError(f"mesh triangles must have shape (T, 3), found {tri.shape}")
+    if tri.size and (
+        not np.all(np.isfinite(tri))
+        or np.any(tri != np.round(tri))
+        or tri.min() < 0
+        or tri.max() >= len(verts)
+    ):
+        raise InputError(
+            f"mesh triangles must hold integer vertex indices in [0, {len(verts)}); "
+            f"found values in [{tri.min()}, {tri.max()}]"
+            + ("" if np.all(tri == np.round(tri)) else ", not all whole")
+        )
+    tri = tri.astype(np.int64)
     pts = vtk.vtkPoints()
-    pts.SetData(ns.numpy_to_vtk(np.ascontiguousarray(points, dtype=np.float64), deep=True))
-    tri = np.asarray(triangles, dtype=np.int64)
+    pts.SetData(ns.numpy_to_vtk(np.ascontiguousarray(verts), deep=True))
     cells = vtk.vtkCellArray()
     offsets = np.arange(0, 3 * len(tri) + 1, 3, dtype=np.int64)
     cells.SetData(
