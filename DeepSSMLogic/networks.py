@@ -1,0 +1,341 @@
+"""Base-DeepSSM and TL-DeepSSM (Bhalodia et al., section 3.2 and Appendix A). torch only.
+
+Both networks share one image encoder: five 5×5×5 convolutions (12, 24, 48, 96, 192 channels),
+each followed by batch norm and PReLU, with 2× max-pooling after the 1st, 3rd and 5th, then
+fully connected layers 384 → 96 → output. The paper uses *valid* convolutions, which need
+at least 60 voxels per axis; ``conv_padding="same"`` is our documented deviation so that small
+grids (CPU tests, the demo) work with the same layer stack.
+
+Every network carries its :attr:`architecture` dict (JSON-able). ``build_network(architecture)``
+rebuilds an empty network of the same shape whose PCA / normalisation buffers are then filled by
+``load_state_dict`` — the state dict is the only other thing a bundle needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+
+ENCODER_CHANNELS = (12, 24, 48, 96, 192)
+POOL_AFTER = (0, 2, 4)  # 0-based conv indices followed by MaxPool3d(2)
+KERNEL = 5
+FC_SIZES = (384, 96)
+PADDINGS = ("valid", "same")
+ARCHITECTURE_VERSION = 1
+
+
+def encoder_output_shape(input_shape_zyx: Sequence[int], conv_padding: str = "valid") -> tuple[int, int, int]:
+    """Spatial size ``(Z, Y, X)`` after the five convolutions and three poolings (may be ≤ 0)."""
+    shrink = KERNEL - 1 if conv_padding == "valid" else 0
+    out = []
+    for n in input_shape_zyx:
+        n = int(n)
+        for i in range(len(ENCODER_CHANNELS)):
+            n -= shrink
+            if n < 1:
+                break
+            if i in POOL_AFTER:
+                n //= 2
+        out.append(n)
+    return out[0], out[1], out[2]
+
+
+def minimum_grid_size(conv_padding: str = "valid") -> int:
+    """Smallest number of voxels per axis that leaves ≥ 1 voxel after the encoder (60 for valid)."""
+    n = 1
+    while encoder_output_shape((n, n, n), conv_padding)[0] < 1:
+        n += 1
+    return n
+
+
+def _check_padding(conv_padding: str) -> None:
+    if conv_padding not in PADDINGS:
+        raise InputError(
+            f"architecture field 'conv_padding': expected one of {PADDINGS}, found {conv_padding!r}"
+        )
+
+
+def _check_shape(input_shape_zyx: Sequence[int], conv_padding: str) -> tuple[int, int, int]:
+    _check_padding(conv_padding)
+    shape = tuple(int(n) for n in input_shape_zyx)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"input shape: expected 3 positive sizes (Z, Y, X), found {tuple(input_shape_zyx)}")
+    out = encoder_output_shape(shape, conv_padding)
+    if min(out) < 1:
+        need = minimum_grid_size(conv_padding)
+        hint = " (or use conv_padding='same' for small grids)" if conv_padding == "valid" else ""
+        raise InputError(
+            f"reference grid {shape[2]}×{shape[1]}×{shape[0]} (x×y×z voxels) is too small for the "
+            f"DeepSSM encoder with {conv_padding!r} convolutions: every axis needs at least {need} voxels; "
+            f"use a finer spacing (smaller downsampling factor){hint}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+class ImageEncoder(nn.Module):
+    """Conv encoder + FC 384 → 96 → ``n_out``: ``(B, 1, Z, Y, X) -> (B, n_out)``."""
+
+    def __init__(self, input_shape_zyx: Sequence[int], n_out: int, conv_padding: str = "valid"):
+        super().__init__()
+        shape = _check_shape(input_shape_zyx, conv_padding)
+        pad = 0 if conv_padding == "valid" else KERNEL // 2
+        layers: list[nn.Module] = []
+        c_in = 1
+        for i, c_out in enumerate(ENCODER_CHANNELS):
+            layers += [nn.Conv3d(c_in, c_out, KERNEL, padding=pad), nn.BatchNorm3d(c_out), nn.PReLU()]
+            if i in POOL_AFTER:
+                layers.append(nn.MaxPool3d(2))
+            c_in = c_out
+        self.conv = nn.Sequential(*layers)
+        self.flat_features = ENCODER_CHANNELS[-1] * math.prod(encoder_output_shape(shape, conv_padding))
+        self.fc = nn.Sequential(
+            nn.Linear(self.flat_features, FC_SIZES[0]),
+            nn.PReLU(),
+            nn.Linear(FC_SIZES[0], FC_SIZES[1]),
+            nn.PReLU(),
+            nn.Linear(FC_SIZES[1], int(n_out)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+def xavier_init(module: nn.Module) -> None:
+    """Xavier-normal weights on every Conv3d and Linear (biases keep PyTorch defaults)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv3d, nn.Linear)):
+            nn.init.xavier_normal_(m.weight)
+
+
+def _as_tensor(a: Any, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(a, dtype=np.float32))
+    if tuple(t.shape) != shape:
+        raise InputError(f"{name}: expected shape {shape}, found {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise InputError(f"{name}: contains NaN or Inf")
+    return t
+
+
+def _fp32_off_autocast(device_type: str) -> Any:
+    # The PCA / autoencoder path maps to absolute mm coordinates (~100 mm): bf16's 8-bit mantissa
+    # would cost ~0.5 mm, so it always runs in fp32 even inside an autocast region.
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class BaseDeepSSM(nn.Module):
+    """Image → whitened PCA scores → (unwhiten) scores in mm → frozen PCA reconstruction.
+
+    ``forward(x (B, 1, Z, Y, X)) -> (scores (B, K) mm, particles (B, M, 3) mm, LPS)``.
+    ``pca_mean`` (M, 3), ``pca_components`` (K, 3M) orthonormal rows (particles flattened x,y,z
+    per point), ``score_mean``/``score_std`` (K,) whitening statistics of the training scores.
+    Leave the arrays ``None`` (with ``n_particles``) to get zero placeholders for ``load_state_dict``.
+    """
+
+    def __init__(
+        self,
+        input_shape_zyx: Sequence[int],
+        n_modes: int,
+        pca_mean: Any = None,
+        pca_components: Any = None,
+        score_mean: Any = None,
+        score_std: Any = None,
+        *,
+        n_particles: int | None = None,
+        conv_padding: str = "valid",
+    ):
+        super().__init__()
+        k = int(n_modes)
+        if k < 1:
+            raise InputError(f"architecture field 'n_modes': expected ≥ 1, found {n_modes}")
+        if pca_mean is not None:
+            m = int(np.asarray(pca_mean).shape[0])
+        elif n_particles is not None:
+            m = int(n_particles)
+        else:
+            raise InputError("BaseDeepSSM needs pca_mean or n_particles")
+        self.input_shape_zyx = _check_shape(input_shape_zyx, conv_padding)
+        self.n_modes, self.n_particles, self.conv_padding = k, m, conv_padding
+        self.encoder = ImageEncoder(self.input_shape_zyx, k, conv_padding)
+        self.decoder = nn.Linear(k, 3 * m)  # PCA reconstruction: particles = mean + scores @ basis
+        xavier_init(self)
+        self.register_buffer("score_mean", torch.zeros(k))
+        self.register_buffer("score_std", torch.ones(k))
+        with torch.no_grad():
+            if pca_mean is not None:
+                self.decoder.bias.copy_(_as_tensor(pca_mean, (m, 3), "pca_mean").reshape(-1))
+            else:
+                self.decoder.bias.zero_()
+            if pca_components is not None:
+                self.decoder.weight.copy_(_as_tensor(pca_components, (k, 3 * m), "pca_components").T)
+            else:
+                self.decoder.weight.zero_()
+            if score_mean is not None:
+                self.score_mean.copy_(_as_tensor(score_mean, (k,), "score_mean"))
+            if score_std is not None:
+                std = _as_tensor(score_std, (k,), "score_std")
+                if not (std > 0).all():
+                    raise InputError("score_std: every whitening std must be > 0")
+                self.score_std.copy_(std)
+        self.decoder.requires_grad_(False)
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return {
+            "version": ARCHITECTURE_VERSION,
+            "variant": "base",
+            "input_shape_zyx": list(self.input_shape_zyx),
+            "n_particles": self.n_particles,
+            "n_modes": self.n_modes,
+            "conv_padding": self.conv_padding,
+        }
+
+    def reconstruct(self, scores: torch.Tensor) -> torch.Tensor:
+        """PCA scores ``(B, K)`` mm → particles ``(B, M, 3)`` mm, always in fp32."""
+        with _fp32_off_autocast(scores.device.type):
+            return self.decoder(scores.float()).reshape(scores.shape[0], self.n_particles, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        with _fp32_off_autocast(z.device.type):
+            scores = z.float() * self.score_std + self.score_mean
+        return scores, self.reconstruct(scores)
+
+
+class CorrespondenceAutoencoder(nn.Module):
+    """Particles ``(B, M, 3)`` mm ↔ latent ``(B, L)``; two FC layers each side, leaky ReLU.
+
+    Particles are centred on ``particle_mean`` (M, 3) and divided by ``particle_scale`` (a scalar,
+    mm) inside the network, so the decoder output is again in mm.
+    """
+
+    def __init__(self, n_particles: int, latent_dim: int, hidden: int):
+        super().__init__()
+        d = 3 * int(n_particles)
+        self.n_particles = int(n_particles)
+        self.encoder = nn.Sequential(nn.Linear(d, hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, latent_dim))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, d))
+        self.register_buffer("particle_mean", torch.zeros(self.n_particles, 3))
+        self.register_buffer("particle_scale", torch.ones(()))
+
+    def encode(self, particles: torch.Tensor) -> torch.Tensor:
+        with _fp32_off_autocast(particles.device.type):
+            u = (particles.float() - self.particle_mean) / self.particle_scale
+            return self.encoder(u.reshape(u.shape[0], -1))
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        with _fp32_off_autocast(latent.device.type):
+            u = self.decoder(latent.float()).reshape(latent.shape[0], self.n_particles, 3)
+            return u * self.particle_scale + self.particle_mean
+
+
+class TLDeepSSM(nn.Module):
+    """TL-DeepSSM: correspondence autoencoder + T-flank image encoder predicting its latent.
+
+    ``forward(x (B, 1, Z, Y, X)) -> (latent (B, L), particles (B, M, 3) mm)`` is the inference path
+    (T-flank → decoder); ``autoencode(particles) -> (latent, reconstruction (B, M, 3) mm)``.
+    """
+
+    def __init__(
+        self,
+        input_shape_zyx: Sequence[int],
+        n_particles: int,
+        latent_dim: int = 64,
+        particle_mean: Any = None,
+        particle_scale: float | None = None,
+        *,
+        hidden: int = 512,
+        conv_padding: str = "valid",
+    ):
+        super().__init__()
+        if int(latent_dim) < 1 or int(n_particles) < 1 or int(hidden) < 1:
+            raise InputError(
+                f"TL-DeepSSM: latent_dim, n_particles and hidden must be ≥ 1, found "
+                f"{latent_dim}, {n_particles}, {hidden}"
+            )
+        self.input_shape_zyx = _check_shape(input_shape_zyx, conv_padding)
+        self.n_particles, self.latent_dim, self.hidden = int(n_particles), int(latent_dim), int(hidden)
+        self.conv_padding = conv_padding
+        self.autoencoder = CorrespondenceAutoencoder(self.n_particles, self.latent_dim, self.hidden)
+        self.tflank = ImageEncoder(self.input_shape_zyx, self.latent_dim, conv_padding)
+        xavier_init(self)
+        with torch.no_grad():
+            if particle_mean is not None:
+                self.autoencoder.particle_mean.copy_(
+                    _as_tensor(particle_mean, (self.n_particles, 3), "particle_mean")
+                )
+            if particle_scale is not None:
+                if not float(particle_scale) > 0:
+                    raise InputError(f"particle_scale: expected > 0, found {particle_scale}")
+                self.autoencoder.particle_scale.fill_(float(particle_scale))
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return {
+            "version": ARCHITECTURE_VERSION,
+            "variant": "tl",
+            "input_shape_zyx": list(self.input_shape_zyx),
+            "n_particles": self.n_particles,
+            "latent_dim": self.latent_dim,
+            "hidden": self.hidden,
+            "conv_padding": self.conv_padding,
+        }
+
+    def autoencode(self, particles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = self.autoencoder.encode(particles)
+        return latent, self.autoencoder.decode(latent)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = self.tflank(x)
+        return latent, self.autoencoder.decode(latent)
+
+
+def _field(arch: dict[str, Any], name: str, default: Any = ...) -> Any:
+    if name in arch:
+        return arch[name]
+    if default is ...:
+        raise InputError(f"architecture: missing field {name!r} (found fields {sorted(arch)})")
+    return default
+
+
+def build_network(architecture: dict[str, Any]) -> nn.Module:
+    """An untrained network of the described shape; fill it with ``load_state_dict``.
+
+    ``architecture`` is the network's :attr:`architecture` dict (as stored in ``model.json``).
+    """
+    if not isinstance(architecture, dict):
+        raise InputError(f"architecture: expected a dict, found {type(architecture).__name__}")
+    version = int(_field(architecture, "version", ARCHITECTURE_VERSION))
+    if version > ARCHITECTURE_VERSION:
+        raise InputError(
+            f"architecture version {version} is newer than this software supports ({ARCHITECTURE_VERSION})"
+        )
+    variant = _field(architecture, "variant")
+    shape = _field(architecture, "input_shape_zyx")
+    padding = _field(architecture, "conv_padding", "valid")
+    if variant == "base":
+        return BaseDeepSSM(
+            shape,
+            int(_field(architecture, "n_modes")),
+            n_particles=int(_field(architecture, "n_particles")),
+            conv_padding=padding,
+        )
+    if variant == "tl":
+        return TLDeepSSM(
+            shape,
+            int(_field(architecture, "n_particles")),
+            int(_field(architecture, "latent_dim", 64)),
+            hidden=int(_field(architecture, "hidden", 512)),
+            conv_padding=padding,
+        )
+    raise InputError(f"architecture field 'variant': expected 'base' or 'tl', found {variant!r}")
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,172 @@
+"""Base-DeepSSM / TL-DeepSSM: shapes, the frozen PCA layer, grid checks, rebuild from the architecture."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from DeepSSMLogic.errors import InputError
+from DeepSSMLogic.networks import (
+    BaseDeepSSM,
+    TLDeepSSM,
+    build_network,
+    count_parameters,
+    encoder_output_shape,
+    minimum_grid_size,
+)
+
+
+def _pca(m: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(3 * m, k)))
+    return {
+        "pca_mean": rng.normal(size=(m, 3)) * 10,
+        "pca_components": q.T,  # (K, 3M) orthonormal rows
+        "score_mean": rng.normal(size=k),
+        "score_std": rng.uniform(0.5, 3.0, size=k),
+    }
+
+
+@pytest.mark.parametrize(
+    ("shape", "padding"),
+    [((60, 60, 60), "valid"), ((61, 66, 72), "valid"), ((8, 8, 8), "same"), ((12, 17, 20), "same")],
+)
+def test_base_output_shapes_for_several_grids(shape, padding):
+    torch.manual_seed(0)
+    net = BaseDeepSSM(shape, 5, **_pca(20, 5), conv_padding=padding).eval()
+    with torch.no_grad():
+        scores, particles = net(torch.randn(2, 1, *shape))
+    assert scores.shape == (2, 5) and particles.shape == (2, 20, 3)
+    assert net.encoder.flat_features == 192 * int(np.prod(encoder_output_shape(shape, padding)))
+
+
+def test_paper_network_size_matches_reference_implementation():
+    # 118×69×88 voxels (x×y×z), 20 modes, 1024 particles: the reference counts 7,885,011 parameters
+    net = BaseDeepSSM((88, 69, 118), 20, n_particles=1024)
+    assert net.encoder.flat_features == 12288
+    assert count_parameters(net) == 7_885_011
+    assert count_parameters(net, trainable_only=True) == 7_885_011 - (20 * 3072 + 3072)
+
+
+def test_frozen_pca_layer_reconstructs_exactly_and_is_not_trained():
+    torch.manual_seed(0)
+    pca = _pca(16, 4)
+    net = BaseDeepSSM((8, 8, 8), 4, **pca, conv_padding="same")
+    x = torch.randn(3, 1, 8, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        scores, particles = net(x)
+        whitened = net.encoder(x)
+    np.testing.assert_allclose(
+        scores.numpy(), whitened.numpy() * pca["score_std"] + pca["score_mean"], rtol=1e-5, atol=1e-5
+    )
+    expected = pca["pca_mean"][None] + (scores.double().numpy() @ pca["pca_components"]).reshape(3, 16, 3)
+    np.testing.assert_allclose(particles.numpy(), expected, rtol=1e-5, atol=1e-4)
+
+    assert not net.decoder.weight.requires_grad and not net.decoder.bias.requires_grad
+
+
+@pytest.mark.slow
+def test_optimizer_with_weight_decay_leaves_the_pca_layer_alone():
+    torch.manual_seed(0)
+    net = BaseDeepSSM((8, 8, 8), 4, **_pca(16, 4), conv_padding="same")
+    x = torch.randn(3, 1, 8, 8, 8)
+    before = {k: v.clone() for k, v in net.decoder.state_dict().items()}
+    enc_before = net.encoder.fc[-1].weight.clone()
+    # even an optimizer given every parameter (with weight decay) must leave the PCA layer alone
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-2)
+    net.train()
+    loss = net(x)[1].pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for k, v in net.decoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(net.encoder.fc[-1].weight, enc_before)
+
+
+def test_too_small_grid_names_the_minimum():
+    assert minimum_grid_size("valid") == 60
+    assert minimum_grid_size("same") == 8
+    with pytest.raises(InputError, match="at least 60 voxels"):
+        BaseDeepSSM((59, 80, 80), 3, n_particles=10)
+    with pytest.raises(InputError, match="at least 8 voxels"):
+        TLDeepSSM((7, 20, 20), 10, 4, conv_padding="same")
+    with pytest.raises(InputError, match="conv_padding"):
+        BaseDeepSSM((64, 64, 64), 3, n_particles=10, conv_padding="full")
+
+
+def test_bad_pca_arrays_are_refused():
+    pca = _pca(10, 3)
+    pca["pca_components"] = pca["pca_components"][:2]
+    with pytest.raises(InputError, match="pca_components"):
+        BaseDeepSSM((8, 8, 8), 3, **pca, conv_padding="same")
+
+
+@pytest.mark.parametrize("variant", ["base", "tl"])
+def test_build_network_round_trip_through_state_dict(variant):
+    torch.manual_seed(1)
+    if variant == "base":
+        net = BaseDeepSSM((10, 12, 9), 4, **_pca(12, 4), conv_padding="same")
+    else:
+        rng = np.random.default_rng(0)
+        net = TLDeepSSM((10, 12, 9), 12, 6, rng.normal(size=(12, 3)), 2.5, hidden=32, conv_padding="same")
+    x = torch.randn(2, 1, 10, 12, 9)
+    net.train()
+    net(x)  # move BN running statistics away from their defaults
+    net.eval()
+    arch = json.loads(json.dumps(net.architecture))
+    rebuilt = build_network(arch)
+    assert rebuilt.architecture == net.architecture
+    rebuilt.load_state_dict(net.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        for a, b in zip(net(x), rebuilt(x), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_build_network_refuses_bad_descriptions():
+    with pytest.raises(InputError, match="variant"):
+        build_network({"variant": "conditional", "input_shape_zyx": [8, 8, 8], "n_particles": 3})
+    with pytest.raises(InputError, match="n_modes"):
+        build_network(
+            {"variant": "base", "input_shape_zyx": [8, 8, 8], "n_particles": 3, "conv_padding": "same"}
+        )
+    with pytest.raises(InputError, match="newer"):
+        build_network({"version": 99, "variant": "base"})
+
+
+def test_tl_inference_is_tflank_then_decoder():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(9, 3)) * 5
+    net = TLDeepSSM((8, 8, 8), 9, 5, mean, 3.0, hidden=16, conv_padding="same").eval()
+    x = torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        latent, particles = net(x)
+        assert latent.shape == (2, 5) and particles.shape == (2, 9, 3)
+        assert torch.equal(particles, net.autoencoder.decode(net.tflank(x)))
+        z, recon = net.autoencode(torch.as_tensor(mean, dtype=torch.float32)[None].repeat(2, 1, 1))
+    assert z.shape == (2, 5) and recon.shape == (2, 9, 3)
+
+
+def test_channels_last_gives_the_same_output():
+    torch.manual_seed(0)
+    net = BaseDeepSSM((12, 10, 14), 3, **_pca(8, 3), conv_padding="same").eval()
+    x = torch.randn(2, 1, 12, 10, 14)
+    with torch.no_grad():
+        ref = net(x)[1]
+        net.to(memory_format=torch.channels_last_3d)
+        out = net(x.contiguous(memory_format=torch.channels_last_3d))[1]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pca_path_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    net = BaseDeepSSM((8, 8, 8), 3, **_pca(8, 3), conv_padding="same").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, particles = net(torch.randn(1, 1, 8, 8, 8))
+    assert scores.dtype == torch.float32 and particles.dtype == torch.float32
