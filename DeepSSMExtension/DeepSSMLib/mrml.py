@@ -1,0 +1,656 @@
+"""MRML adapters: the only place where DeepSSM data meets Slicer nodes (and LPS meets RAS).
+
+Uses only APIs that exist in the Qt-free ``slicer-core`` wheel (no ``slicer.app``, ``qt``,
+``sitkUtils``), so every function here runs both inside 3D Slicer and in a plain pytest venv.
+
+Frames: DeepSSMLogic, SimpleITK and every file are LPS mm; MRML nodes hold RAS mm.
+All node coordinates here are *local* (before any parent transform): outputs are put under
+the input volume's parent transform, so they line up with it in the views whatever that
+transform is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from DeepSSMLogic.errors import InputError
+from DeepSSMLogic.geometry import Grid, lps_to_ras, ras_to_lps
+
+LPS_TO_RAS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Slicer's point-list rendering slows down beyond about this many points; above it a glyph
+#: point-cloud model is shown instead and the point list is hidden in 3D.
+POINT_CLOUD_THRESHOLD = 1000
+
+
+def _slicer() -> Any:
+    import slicer
+
+    return slicer
+
+
+def _vtk() -> Any:
+    import vtk
+
+    return vtk
+
+
+def _matrix_to_array(m: Any) -> np.ndarray:
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)], dtype=np.float64)
+
+
+def _array_to_matrix(a: np.ndarray) -> Any:
+    m = _vtk().vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            m.SetElement(i, j, float(a[i, j]))
+    return m
+
+
+def _scene_of(node: Any) -> Any:
+    scene = node.GetScene()
+    if scene is None:
+        raise InputError(f"node {node.GetName()!r} is not in a MRML scene")
+    return scene
+
+
+# -- volumes ------------------------------------------------------------------------------------
+def grid_from_volume(volume_node: Any) -> Grid:
+    """The volume's geometry as a :class:`Grid` (LPS mm), from its IJK-to-RAS matrix."""
+    image = volume_node.GetImageData()
+    if image is None:
+        raise InputError(f"volume {volume_node.GetName()!r} has no image data")
+    m = _vtk().vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    ijk_to_lps = LPS_TO_RAS_4 @ _matrix_to_array(m)  # the flip is its own inverse
+    axes = ijk_to_lps[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0):
+        raise InputError(f"volume {volume_node.GetName()!r} has a degenerate IJK-to-RAS matrix")
+    direction = axes / spacing
+    size = image.GetDimensions()
+    return Grid(
+        tuple(float(v) for v in ijk_to_lps[:3, 3]),
+        tuple(float(v) for v in spacing),
+        (int(size[0]), int(size[1]), int(size[2])),
+        tuple(float(v) for v in direction.ravel()),
+    )
+
+
+def array_from_volume(volume_node: Any) -> np.ndarray:
+    """A copy of the voxels as ``(K, J, I)`` = ``(Z, Y, X)``, the SimpleITK order."""
+    from vtk.util import numpy_support as ns
+
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"volume {volume_node.GetName()!r} has no voxels")
+    scalars = image.GetPointData().GetScalars()
+    if scalars.GetNumberOfComponents() != 1:
+        raise InputError(
+            f"volume {volume_node.GetName()!r} has {scalars.GetNumberOfComponents()} components per voxel; "
+            "DeepSSM needs a scalar (grey-level) image"
+        )
+    dims = image.GetDimensions()
+    return ns.vtk_to_numpy(scalars).reshape(dims[2], dims[1], dims[0]).copy()
+
+
+def volume_to_sitk(volume_node: Any) -> Any:
+    """The volume as a SimpleITK image (LPS physical space; parent transforms not applied)."""
+    from DeepSSMLogic.preprocess import image_from_array
+
+    return image_from_array(array_from_volume(volume_node), grid_from_volume(volume_node))
+
+
+def update_volume_from_sitk(volume_node: Any, image: Any) -> Any:
+    """Put a 3D scalar SimpleITK image (LPS) into ``volume_node`` (RAS); returns the node."""
+    import SimpleITK as sitk
+    from vtk.util import numpy_support as ns
+
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("update_volume_from_sitk: expected a 3D scalar image")
+    grid = Grid.from_sitk(image)
+    arr = np.ascontiguousarray(sitk.GetArrayFromImage(image))
+    vtk = _vtk()
+    data = vtk.vtkImageData()
+    data.SetDimensions(*grid.size)
+    vtk_arr = ns.numpy_to_vtk(arr.ravel(), deep=True)
+    data.GetPointData().SetScalars(vtk_arr)
+    volume_node.SetAndObserveImageData(data)
+    volume_node.SetIJKToRASMatrix(_array_to_matrix(LPS_TO_RAS_4 @ grid.index_to_physical_matrix()))
+    return volume_node
+
+
+def add_volume_from_sitk(
+    scene: Any, image: Any, name: str, class_name: str = "vtkMRMLScalarVolumeNode"
+) -> Any:
+    """A new volume node (with default display) holding ``image``."""
+    node = scene.AddNewNodeByClass(class_name, name)
+    update_volume_from_sitk(node, image)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# -- subject hierarchy and transforms --------------------------------------------------------------
+def place_next_to(node: Any, reference: Any) -> None:
+    """Make ``node`` a sibling of ``reference`` in the Subject Hierarchy and give it the same
+    parent transform, so it sits over the same anatomy."""
+    slicer = _slicer()
+    scene = _scene_of(reference)
+    if node.IsA("vtkMRMLTransformableNode"):  # tables are not transformable
+        node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None:
+        return
+    # Inside Slicer the plugin logic has created the items already; headless it has not.
+    ref_item = sh.GetItemByDataNode(reference) or sh.CreateItem(sh.GetSceneItemID(), reference)
+    parent = sh.GetItemParent(ref_item)
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        sh.CreateItem(parent, node)
+    else:
+        sh.SetItemParent(item, parent)
+
+
+# -- particles -----------------------------------------------------------------------------------
+def _as_points(points: Any, what: str) -> np.ndarray:
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) == 0:
+        raise InputError(f"{what}: expected points of shape (M, 3), found {pts.shape}")
+    if not np.all(np.isfinite(pts)):
+        raise InputError(f"{what}: points contain NaN or Inf")
+    return pts
+
+
+def update_markups_from_particles(node: Any, particles_lps: np.ndarray, locked: bool = True) -> Any:
+    """Set the control points of a point list from ``(M, 3)`` LPS mm particles (stored as RAS)."""
+    vtk = _vtk()
+    ras = lps_to_ras(_as_points(particles_lps, node.GetName()))
+    was = node.StartModify()
+    try:
+        node.SetFixedNumberOfControlPoints(False)
+        node.RemoveAllControlPoints()
+        node.SetMarkupLabelFormat("")
+        for p in ras:
+            node.AddControlPoint(vtk.vtkVector3d(float(p[0]), float(p[1]), float(p[2])), "")
+        node.SetLocked(locked)
+        # a locked, fixed-size list cannot be edited by a stray click in the views
+        node.SetFixedNumberOfControlPoints(locked)
+    finally:
+        node.EndModify(was)
+    return node
+
+
+def particles_to_markups(
+    scene: Any,
+    particles_lps: np.ndarray,
+    name: str,
+    reference: Any | None = None,
+    node: Any | None = None,
+    color: tuple[float, float, float] = (1.0, 0.5, 0.2),
+) -> Any:
+    """A locked, unlabeled point list of ``(M, 3)`` LPS particles (RAS in the node), placed next
+    to ``reference`` (Subject Hierarchy + parent transform) when given."""
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    update_markups_from_particles(node, particles_lps)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetPointLabelsVisibility(False)
+        display.SetPropertiesLabelVisibility(False)
+        display.SetSelectedColor(*color)
+        display.SetColor(*color)
+        display.SetGlyphScale(1.5)
+    if reference is not None:
+        place_next_to(node, reference)
+    return node
+
+
+def markups_to_particles(node: Any, world: bool = False) -> np.ndarray:
+    """Control points as ``(M, 3)`` LPS mm. ``world=False``: the node's local frame (the frame of
+    the volume it sits next to); ``world=True``: after its parent transforms."""
+    n = node.GetNumberOfControlPoints()
+    if n == 0:
+        raise InputError(f"point list {node.GetName()!r} has no control points")
+    ras = np.zeros((n, 3))
+    p = [0.0, 0.0, 0.0]
+    for i in range(n):
+        if world:
+            node.GetNthControlPointPositionWorld(i, p)
+        else:
+            node.GetNthControlPointPosition(i, p)
+        ras[i] = p
+    return ras_to_lps(ras)
+
+
+def point_cloud_polydata(particles_lps: np.ndarray, radius: float, resolution: int = 6) -> Any:
+    """Sphere glyphs at each particle, in RAS (``vtkPolyData``). Each glyph carries its particle
+    index in the point array ``particle_id`` so per-particle scalars can be mapped onto it."""
+    vtk = _vtk()
+    from vtk.util import numpy_support as ns
+
+    ras = lps_to_ras(_as_points(particles_lps, "point cloud"))
+    pts = vtk.vtkPoints()
+    pts.SetData(ns.numpy_to_vtk(np.ascontiguousarray(ras), deep=True))
+    src_pd = vtk.vtkPolyData()
+    src_pd.SetPoints(pts)
+    ids = ns.numpy_to_vtk(np.arange(len(ras), dtype=np.int32), deep=True)
+    ids.SetName("particle_id")
+    src_pd.GetPointData().AddArray(ids)
+    sphere = vtk.vtkSphereSource()
+    sphere.SetRadius(radius)
+    sphere.SetThetaResolution(resolution)
+    sphere.SetPhiResolution(resolution)
+    glyph = vtk.vtkGlyph3D()
+    glyph.SetInputData(src_pd)
+    glyph.SetSourceConnection(sphere.GetOutputPort())
+    glyph.ScalingOff()
+    glyph.OrientOff()
+    glyph.Update()
+    out = vtk.vtkPolyData()
+    out.DeepCopy(glyph.GetOutput())
+    return out
+
+
+def add_point_cloud_model(
+    scene: Any,
+    particles_lps: np.ndarray,
+    name: str,
+    reference: Any | None = None,
+    radius: float | None = None,
+    node: Any | None = None,
+    particle_values: Mapping[str, np.ndarray] | None = None,
+) -> Any:
+    """A glyph model of the particles (fast for thousands of points). ``radius`` defaults to a
+    third of the median nearest-neighbour distance. ``particle_values`` (name -> ``(M,)``) become
+    point arrays on the glyphs, ready for :func:`show_scalar_heatmap`."""
+    pts = _as_points(particles_lps, name)
+    if radius is None:
+        from scipy.spatial import cKDTree
+
+        if len(pts) > 1:
+            d = cKDTree(pts).query(pts, k=2)[0][:, 1]
+            radius = max(float(np.median(d)) / 3.0, 1e-3)
+        else:
+            radius = 1.0
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+    pd = point_cloud_polydata(pts, radius)
+    if particle_values:
+        from vtk.util import numpy_support as ns
+
+        ids = ns.vtk_to_numpy(pd.GetPointData().GetArray("particle_id"))
+        for arr_name, values in particle_values.items():
+            vals = np.asarray(values, dtype=np.float64)
+            if vals.shape != (len(pts),):
+                raise InputError(
+                    f"{name}: {arr_name!r} needs one value per particle ({len(pts)}), found {vals.shape}"
+                )
+            arr = ns.numpy_to_vtk(np.ascontiguousarray(vals[ids]), deep=True)
+            arr.SetName(arr_name)
+            pd.GetPointData().AddArray(arr)
+    node.SetAndObservePolyData(pd)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetColor(1.0, 0.5, 0.2)
+    if reference is not None:
+        place_next_to(node, reference)
+    return node
+
+
+# -- meshes and heatmaps ---------------------------------------------------------------------------
+def polydata_lps_to_ras(mesh: Any) -> Any:
+    """A deep copy of ``mesh`` with points and 3-component vector arrays flipped LPS -> RAS.
+    (The flip is a rotation by 180° about z, so triangle winding and orientation are kept.)"""
+    vtk = _vtk()
+    from vtk.util import numpy_support as ns
+
+    out = vtk.vtkPolyData()
+    out.DeepCopy(mesh)
+    if out.GetPoints() is not None and out.GetNumberOfPoints():
+        pts = ns.vtk_to_numpy(out.GetPoints().GetData()).astype(np.float64)
+        new = vtk.vtkPoints()
+        new.SetData(ns.numpy_to_vtk(np.ascontiguousarray(lps_to_ras(pts)), deep=True))
+        out.SetPoints(new)
+    pd = out.GetPointData()
+    for i in range(pd.GetNumberOfArrays()):
+        arr = pd.GetArray(i)
+        if arr is not None and arr.GetNumberOfComponents() == 3:
+            vals = ns.vtk_to_numpy(arr).astype(np.float64)
+            flipped = ns.numpy_to_vtk(np.ascontiguousarray(lps_to_ras(vals)), deep=True)
+            flipped.SetName(arr.GetName())
+            pd.RemoveArray(arr.GetName())
+            pd.AddArray(flipped)
+    return out
+
+
+polydata_ras_to_lps = polydata_lps_to_ras
+
+
+def add_mesh_model(
+    scene: Any,
+    mesh_lps: Any,
+    name: str,
+    reference: Any | None = None,
+    point_arrays: Mapping[str, np.ndarray] | None = None,
+    node: Any | None = None,
+    color: tuple[float, float, float] = (0.9, 0.85, 0.75),
+) -> Any:
+    """A model node from an LPS ``vtkPolyData`` (stored in RAS), with extra per-vertex scalar
+    arrays ``point_arrays`` (``(V,)`` each)."""
+    vtk = _vtk()
+    from vtk.util import numpy_support as ns
+
+    ras = polydata_lps_to_ras(mesh_lps)
+    for arr_name, values in (point_arrays or {}).items():
+        vals = np.asarray(values, dtype=np.float64)
+        if vals.shape != (ras.GetNumberOfPoints(),):
+            raise InputError(
+                f"model {name!r}: array {arr_name!r} has shape {vals.shape}, "
+                f"expected ({ras.GetNumberOfPoints()},) (one value per vertex)"
+            )
+        arr = ns.numpy_to_vtk(np.ascontiguousarray(vals), deep=True, array_type=vtk.VTK_DOUBLE)
+        arr.SetName(arr_name)
+        ras.GetPointData().AddArray(arr)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+    node.SetAndObservePolyData(ras)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetColor(*color)
+    if reference is not None:
+        place_next_to(node, reference)
+    return node
+
+
+def model_to_polydata_lps(node: Any) -> Any:
+    """The model's mesh in LPS mm (local frame), as a new ``vtkPolyData``."""
+    pd = node.GetPolyData()
+    if pd is None or pd.GetNumberOfPoints() == 0:
+        raise InputError(f"model {node.GetName()!r} has no mesh")
+    return polydata_ras_to_lps(pd)
+
+
+# Perceptually uniform viridis (sequential: errors, magnitudes) and a blue-white-red diverging map
+# (signed values: inward < 0 < outward). slicer-core ships no colour files, so the control points
+# live here; inside Slicer the same procedural nodes are used for identical pictures.
+_COLORMAPS: dict[str, list[tuple[float, float, float, float]]] = {
+    "viridis": [
+        (0.000, 0.267, 0.005, 0.329),
+        (0.125, 0.283, 0.141, 0.458),
+        (0.250, 0.254, 0.265, 0.530),
+        (0.375, 0.207, 0.372, 0.553),
+        (0.500, 0.164, 0.471, 0.558),
+        (0.625, 0.128, 0.567, 0.551),
+        (0.750, 0.135, 0.659, 0.518),
+        (0.875, 0.478, 0.821, 0.318),
+        (1.000, 0.993, 0.906, 0.144),
+    ],
+    "coolwarm": [
+        (0.00, 0.230, 0.299, 0.754),
+        (0.25, 0.552, 0.690, 0.996),
+        (0.50, 0.865, 0.865, 0.865),
+        (0.75, 0.958, 0.603, 0.482),
+        (1.00, 0.706, 0.016, 0.150),
+    ],
+}
+
+
+def color_node(scene: Any, colormap: str, n_colors: int = 256) -> Any:
+    """The shared colour table ``DeepSSM <colormap>`` (created once per scene, ``n_colors``
+    entries sampled from the control points above; the display node's scalar range maps onto it)."""
+    if colormap not in _COLORMAPS:
+        raise InputError(f"unknown colour map {colormap!r}; expected one of {sorted(_COLORMAPS)}")
+    name = f"DeepSSM {colormap}"
+    existing = scene.GetFirstNodeByName(name)
+    if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
+        return existing
+    stops = np.asarray(_COLORMAPS[colormap])
+    x = np.linspace(0.0, 1.0, n_colors)
+    rgb = np.stack([np.interp(x, stops[:, 0], stops[:, c]) for c in (1, 2, 3)], axis=1)
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(n_colors)
+    node.GetLookupTable().SetTableRange(0, n_colors - 1)
+    for i, (r, g, b) in enumerate(rgb):
+        node.SetColor(i, f"{colormap} {i}", float(r), float(g), float(b), 1.0)
+    node.SetAttribute("Category", "DeepSSM")
+    return node
+
+
+def show_scalar_heatmap(
+    model_node: Any,
+    array_name: str,
+    colormap: str = "viridis",
+    scalar_range: tuple[float, float] | None = None,
+    symmetric: bool = False,
+    title: str | None = None,
+) -> Any:
+    """Colour ``model_node`` by its point array ``array_name`` and add a colour legend; returns
+    the legend display node. The default range spans the 2nd-98th percentiles (values beyond are
+    clamped to the end colours); ``symmetric`` centres it on 0 (for signed maps)."""
+    slicer = _slicer()
+    from vtk.util import numpy_support as ns
+
+    pd = model_node.GetPolyData()
+    arr = pd.GetPointData().GetArray(array_name) if pd is not None else None
+    if arr is None:
+        raise InputError(f"model {model_node.GetName()!r} has no point array {array_name!r}")
+    if scalar_range is None:
+        # robust range: one outlier vertex must not wash the whole map into one colour
+        vals = ns.vtk_to_numpy(arr).astype(np.float64)
+        if symmetric:
+            m = float(np.percentile(np.abs(vals), 98)) or 1.0
+            lo, hi = -m, m
+        else:
+            lo, hi = float(np.percentile(vals, 2)), float(np.percentile(vals, 98))
+            if hi <= lo:
+                hi = lo + 1.0
+        scalar_range = (lo, hi)
+    scene = _scene_of(model_node)
+    cnode = color_node(scene, colormap)
+    display = model_node.GetDisplayNode()
+    if display is None:
+        model_node.CreateDefaultDisplayNodes()
+        display = model_node.GetDisplayNode()
+    display.SetActiveScalar(array_name, _vtk().vtkAssignAttribute.POINT_DATA)
+    display.SetAndObserveColorNodeID(cnode.GetID())
+    display.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseManualScalarRange)
+    display.SetScalarRange(float(scalar_range[0]), float(scalar_range[1]))
+    display.SetScalarVisibility(True)
+    legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(model_node)
+    if legend is None:
+        raise InputError(f"could not create a colour legend for {model_node.GetName()!r}")
+    legend.SetTitleText(title or array_name)
+    legend.SetSize(0.12, 0.45)  # fraction of the view: readable without covering the anatomy
+    legend.SetVisibility(True)
+    return legend
+
+
+# -- tables and plots -----------------------------------------------------------------------------
+def update_table(table_node: Any, columns: Mapping[str, Sequence[Any]]) -> Any:
+    """Replace the table's content with ``columns`` (name -> equal-length values; numbers become
+    double columns, anything else string columns)."""
+    vtk = _vtk()
+    lengths = {name: len(values) for name, values in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise InputError(f"table {table_node.GetName()!r}: columns differ in length {lengths}")
+    table = vtk.vtkTable()
+    for name, values in columns.items():
+        vals = list(values)
+        numeric = all(isinstance(v, int | float | np.integer | np.floating) for v in vals)
+        arr = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
+        arr.SetName(name)
+        arr.SetNumberOfValues(len(vals))
+        for i, v in enumerate(vals):
+            arr.SetValue(i, float(v) if numeric else str(v))
+        table.AddColumn(arr)
+    table_node.SetAndObserveTable(table)
+    return table_node
+
+
+def table_columns(table_node: Any) -> dict[str, list[Any]]:
+    """The table as ``{column name: list of values}``."""
+    table = table_node.GetTable()
+    out: dict[str, list[Any]] = {}
+    for c in range(table.GetNumberOfColumns()):
+        col = table.GetColumn(c)
+        out[col.GetName()] = [col.GetValue(r) for r in range(table.GetNumberOfRows())]
+    return out
+
+
+def append_table_row(table_node: Any, row: Mapping[str, float]) -> None:
+    """Append one row (missing columns get NaN) — used for live training curves."""
+    table = table_node.GetTable()
+    n = table.GetNumberOfRows()
+    table.InsertNextBlankRow(float("nan"))
+    for c in range(table.GetNumberOfColumns()):
+        col = table.GetColumn(c)
+        if col.GetName() in row:
+            col.SetValue(n, float(row[col.GetName()]))
+    table.Modified()
+    table_node.Modified()
+
+
+def descriptor_table(
+    scene: Any,
+    descriptor: Sequence[float],
+    kind: str,
+    name: str,
+    severity: float | None = None,
+    reference: Any | None = None,
+    node: Any | None = None,
+) -> Any:
+    """A two-column table (quantity, value): PCA scores (mm) or latent values, then the
+    Mahalanobis severity when known."""
+    label = "PC" if kind == "pca" else "z"
+    names = [f"{label}{i + 1}" for i in range(len(descriptor))]
+    values = [float(v) for v in descriptor]
+    if severity is not None:
+        names.append("severity (Mahalanobis)")
+        values.append(float(severity))
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    update_table(node, {"quantity": names, "value": values})
+    node.SetAttribute("DeepSSM.descriptorKind", kind)
+    if reference is not None:
+        place_next_to(node, reference)
+    return node
+
+
+@dataclass
+class Chart:
+    """A plot chart fed by one table: the series share the table's x column."""
+
+    table: Any
+    chart: Any
+    series: dict[str, Any]
+
+
+def plot_chart(
+    scene: Any,
+    name: str,
+    x_column: str,
+    y_columns: Sequence[str],
+    title: str = "",
+    y_label: str = "",
+    table: Any | None = None,
+) -> Chart:
+    """Table + one line series per ``y_columns`` + a chart (reuses ``table`` when given, else
+    creates an empty one with those columns)."""
+    slicer = _slicer()
+    if table is None:
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} table")
+        update_table(table, {c: [] for c in [x_column, *y_columns]})
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+    chart.SetTitle(title or name)
+    chart.SetXAxisTitle(x_column)
+    chart.SetYAxisTitle(y_label)
+    series: dict[str, Any] = {}
+    for col in y_columns:
+        s = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {col}")
+        s.SetAndObserveTableNodeID(table.GetID())
+        s.SetXColumnName(x_column)
+        s.SetYColumnName(col)
+        s.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        s.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        chart.AddAndObservePlotSeriesNodeID(s.GetID())
+        series[col] = s
+    return Chart(table, chart, series)
+
+
+# -- prediction results ----------------------------------------------------------------------------
+@dataclass
+class PredictionNodes:
+    """The nodes that show one prediction (any may be None when not produced)."""
+
+    particles: Any = None
+    point_cloud: Any = None
+    surface: Any = None
+    descriptor: Any = None
+    legends: dict[str, Any] | None = None
+
+
+HEATMAPS = {
+    # array name -> (colour map, symmetric range, legend title)
+    "error_mm": ("viridis", False, "Error (mm)"),
+    "severity_signed": ("coolwarm", True, "Severity"),
+}
+
+
+def show_prediction(
+    scene: Any,
+    volume_node: Any,
+    result: Mapping[str, Any],
+    nodes: PredictionNodes | None = None,
+    heatmap: str | None = None,
+) -> PredictionNodes:
+    """Load a worker result (``result.json`` content, LPS files) into nodes next to ``volume_node``.
+
+    Reuses the nodes in ``nodes`` when given (re-running updates in place). ``heatmap`` picks the
+    array shown on the surface (default: the first available of ``HEATMAPS``).
+    """
+    from DeepSSMLogic import io
+
+    nodes = nodes or PredictionNodes()
+    base = volume_node.GetName()
+    particles = io.read_particles(result["particles"])
+    nodes.particles = particles_to_markups(
+        scene, particles, f"{base} DeepSSM particles", reference=volume_node, node=nodes.particles
+    )
+    if len(particles) >= POINT_CLOUD_THRESHOLD:
+        nodes.point_cloud = add_point_cloud_model(
+            scene, particles, f"{base} DeepSSM point cloud", reference=volume_node, node=nodes.point_cloud
+        )
+        nodes.particles.GetDisplayNode().SetVisibility3D(False)
+    nodes.legends = {}
+    if result.get("mesh"):
+        nodes.surface = add_mesh_model(
+            scene,
+            io.read_mesh(result["mesh"]),
+            f"{base} DeepSSM surface",
+            reference=volume_node,
+            node=nodes.surface,
+        )
+        available = [a for a in HEATMAPS if nodes.surface.GetPolyData().GetPointData().GetArray(a)]
+        chosen = heatmap if heatmap in available else (available[0] if available else None)
+        if chosen is not None:
+            cmap, symmetric, title = HEATMAPS[chosen]
+            nodes.legends[chosen] = show_scalar_heatmap(
+                nodes.surface, chosen, cmap, symmetric=symmetric, title=title
+            )
+    nodes.descriptor = descriptor_table(
+        scene,
+        result.get("descriptor") or [],
+        str(result.get("descriptor_kind", "pca")),
+        f"{base} DeepSSM descriptor",
+        severity=result.get("severity"),
+        reference=volume_node,
+        node=nodes.descriptor,
+    )
+    return nodes
