@@ -4,7 +4,10 @@ Both networks share one image encoder: five 5×5×5 convolutions (12, 24, 48, 96
 each followed by batch norm and PReLU, with 2× max-pooling after the 1st, 3rd and 5th, then
 fully connected layers 384 → 96 → output. The paper uses *valid* convolutions, which need
 at least 60 voxels per axis; ``conv_padding="same"`` is our documented deviation so that small
-grids (CPU tests, the demo) work with the same layer stack.
+grids (CPU tests, the demo) work with the same layer stack. ``pool_size=P`` (optional, default off)
+adds an adaptive average pool to ``P×P×P`` before the first FC layer, as the reference
+implementation's newest version does: the FC layer then no longer grows with the grid (at
+118×69×88 it holds 60 % of the parameters), which keeps shipped bundles small.
 
 Every network carries its :attr:`architecture` dict (JSON-able). ``build_network(architecture)``
 rebuilds an empty network of the same shape whose PCA / normalisation buffers are then filled by
@@ -82,9 +85,17 @@ def _check_shape(input_shape_zyx: Sequence[int], conv_padding: str) -> tuple[int
 class ImageEncoder(nn.Module):
     """Conv encoder + FC 384 → 96 → ``n_out``: ``(B, 1, Z, Y, X) -> (B, n_out)``."""
 
-    def __init__(self, input_shape_zyx: Sequence[int], n_out: int, conv_padding: str = "valid"):
+    def __init__(
+        self,
+        input_shape_zyx: Sequence[int],
+        n_out: int,
+        conv_padding: str = "valid",
+        pool_size: int | None = None,
+    ):
         super().__init__()
         shape = _check_shape(input_shape_zyx, conv_padding)
+        if pool_size is not None and int(pool_size) < 1:
+            raise InputError(f"architecture field 'pool_size': expected ≥ 1 or null, found {pool_size}")
         pad = 0 if conv_padding == "valid" else KERNEL // 2
         layers: list[nn.Module] = []
         c_in = 1
@@ -93,8 +104,13 @@ class ImageEncoder(nn.Module):
             if i in POOL_AFTER:
                 layers.append(nn.MaxPool3d(2))
             c_in = c_out
+        if pool_size is not None:
+            layers.append(nn.AdaptiveAvgPool3d(int(pool_size)))
+            spatial = int(pool_size) ** 3
+        else:
+            spatial = math.prod(encoder_output_shape(shape, conv_padding))
         self.conv = nn.Sequential(*layers)
-        self.flat_features = ENCODER_CHANNELS[-1] * math.prod(encoder_output_shape(shape, conv_padding))
+        self.flat_features = ENCODER_CHANNELS[-1] * spatial
         self.fc = nn.Sequential(
             nn.Linear(self.flat_features, FC_SIZES[0]),
             nn.PReLU(),
@@ -149,6 +165,7 @@ class BaseDeepSSM(nn.Module):
         *,
         n_particles: int | None = None,
         conv_padding: str = "valid",
+        pool_size: int | None = None,
     ):
         super().__init__()
         k = int(n_modes)
@@ -162,7 +179,8 @@ class BaseDeepSSM(nn.Module):
             raise InputError("BaseDeepSSM needs pca_mean or n_particles")
         self.input_shape_zyx = _check_shape(input_shape_zyx, conv_padding)
         self.n_modes, self.n_particles, self.conv_padding = k, m, conv_padding
-        self.encoder = ImageEncoder(self.input_shape_zyx, k, conv_padding)
+        self.pool_size = None if pool_size is None else int(pool_size)
+        self.encoder = ImageEncoder(self.input_shape_zyx, k, conv_padding, self.pool_size)
         self.decoder = nn.Linear(k, 3 * m)  # PCA reconstruction: particles = mean + scores @ basis
         xavier_init(self)
         self.register_buffer("score_mean", torch.zeros(k))
@@ -194,6 +212,7 @@ class BaseDeepSSM(nn.Module):
             "n_particles": self.n_particles,
             "n_modes": self.n_modes,
             "conv_padding": self.conv_padding,
+            "pool_size": self.pool_size,
         }
 
     def reconstruct(self, scores: torch.Tensor) -> torch.Tensor:
@@ -252,6 +271,7 @@ class TLDeepSSM(nn.Module):
         *,
         hidden: int = 512,
         conv_padding: str = "valid",
+        pool_size: int | None = None,
     ):
         super().__init__()
         if int(latent_dim) < 1 or int(n_particles) < 1 or int(hidden) < 1:
@@ -262,8 +282,9 @@ class TLDeepSSM(nn.Module):
         self.input_shape_zyx = _check_shape(input_shape_zyx, conv_padding)
         self.n_particles, self.latent_dim, self.hidden = int(n_particles), int(latent_dim), int(hidden)
         self.conv_padding = conv_padding
+        self.pool_size = None if pool_size is None else int(pool_size)
         self.autoencoder = CorrespondenceAutoencoder(self.n_particles, self.latent_dim, self.hidden)
-        self.tflank = ImageEncoder(self.input_shape_zyx, self.latent_dim, conv_padding)
+        self.tflank = ImageEncoder(self.input_shape_zyx, self.latent_dim, conv_padding, self.pool_size)
         xavier_init(self)
         with torch.no_grad():
             if particle_mean is not None:
@@ -285,6 +306,7 @@ class TLDeepSSM(nn.Module):
             "latent_dim": self.latent_dim,
             "hidden": self.hidden,
             "conv_padding": self.conv_padding,
+            "pool_size": self.pool_size,
         }
 
     def autoencode(self, particles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,12 +341,14 @@ def build_network(architecture: dict[str, Any]) -> nn.Module:
     variant = _field(architecture, "variant")
     shape = _field(architecture, "input_shape_zyx")
     padding = _field(architecture, "conv_padding", "valid")
+    pool_size = _field(architecture, "pool_size", None)
     if variant == "base":
         return BaseDeepSSM(
             shape,
             int(_field(architecture, "n_modes")),
             n_particles=int(_field(architecture, "n_particles")),
             conv_padding=padding,
+            pool_size=pool_size,
         )
     if variant == "tl":
         return TLDeepSSM(
@@ -333,6 +357,7 @@ def build_network(architecture: dict[str, Any]) -> nn.Module:
             int(_field(architecture, "latent_dim", 64)),
             hidden=int(_field(architecture, "hidden", 512)),
             conv_padding=padding,
+            pool_size=pool_size,
         )
     raise InputError(f"architecture field 'variant': expected 'base' or 'tl', found {variant!r}")
 

@@ -128,6 +128,22 @@ def test_build_network_round_trip_through_state_dict(variant):
             assert torch.equal(a, b)
 
 
+def test_pool_size_caps_the_fc_layer_independently_of_the_grid():
+    small = BaseDeepSSM((24, 24, 24), 4, **_pca(12, 4), conv_padding="same", pool_size=2)
+    large = BaseDeepSSM((48, 40, 56), 4, **_pca(12, 4), conv_padding="same", pool_size=2)
+    assert small.encoder.flat_features == large.encoder.flat_features == 192 * 8
+    assert count_parameters(small) == count_parameters(large)
+    unpooled = BaseDeepSSM((48, 40, 56), 4, **_pca(12, 4), conv_padding="same")
+    assert count_parameters(unpooled) > 3 * count_parameters(large)
+    with torch.no_grad():
+        scores, particles = large.eval()(torch.randn(2, 1, 48, 40, 56))
+    assert scores.shape == (2, 4) and particles.shape == (2, 12, 3)
+    rebuilt = build_network(json.loads(json.dumps(large.architecture)))
+    assert rebuilt.encoder.flat_features == 192 * 8
+    with pytest.raises(InputError, match="pool_size"):
+        BaseDeepSSM((24, 24, 24), 4, **_pca(12, 4), conv_padding="same", pool_size=0)
+
+
 def test_build_network_refuses_bad_descriptions():
     with pytest.raises(InputError, match="variant"):
         build_network({"variant": "conditional", "input_shape_zyx": [8, 8, 8], "n_particles": 3})
