@@ -1,0 +1,217 @@
+"""Downstream analyses: PPCA severity, group differences, latent swim, descriptor classifier."""
+
+import numpy as np
+import pytest
+
+from DeepSSMLogic.analysis import classifier, groups, severity, swim
+from DeepSSMLogic.errors import InputError
+from DeepSSMLogic.shape_model import ShapeModel
+
+
+def sphere_points(m=120, radius=10.0):
+    k = np.arange(m) + 0.5
+    phi = np.arccos(1 - 2 * k / m)
+    theta = np.pi * (1 + 5**0.5) * k
+    return radius * np.c_[np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)]
+
+
+def population(n, rng, bump=0.0, m=120):
+    """Ellipsoid-like shapes with 4 random smooth modes; ``bump`` raises an outward bump at +x."""
+    base = sphere_points(m)
+    u = base / np.linalg.norm(base, axis=1, keepdims=True)
+    modes = np.stack([u * u[:, [0]], u * u[:, [1]], u * u[:, [2]], u * (u[:, [0]] * u[:, [1]])])
+    coef = rng.normal(size=(n, 4)) * [1.0, 0.8, 0.6, 0.4]
+    shapes = base[None] + np.einsum("nk,kmi->nmi", coef, modes)
+    shapes = shapes + rng.normal(scale=0.05, size=shapes.shape)
+    b = np.atleast_1d(bump)[:, None, None] if np.ndim(bump) else bump
+    return shapes + b * np.exp(-((u[:, 0] - 1) ** 2) / 0.1)[None, :, None] * u[None]
+
+
+# -- severity --------------------------------------------------------------------------------------
+def test_ppca_severity_of_the_mean_shape_is_minimal():
+    rng = np.random.default_rng(0)
+    normals = population(30, rng)
+    model = severity.fit_normal_model(normals)
+    test = np.concatenate([model.mean[None], population(10, rng), population(10, rng, bump=2.0)])
+    res = severity.severity(model, test)
+    assert res.scores.shape == (21,) and res.pointwise.shape == (21, 120, 3)
+    assert res.scores[0] == pytest.approx(0.0, abs=1e-9)
+    assert np.argmin(res.scores) == 0
+    # C̃ is the whitened deviation: its norm over all points is the Mahalanobis score
+    np.testing.assert_allclose(np.linalg.norm(res.pointwise.reshape(21, -1), axis=1), res.scores, rtol=1e-9)
+    # the bumped subjects are more severe and their bump shows up outward (positive) on the heatmap
+    assert res.scores[11:].min() > np.median(res.scores[1:11])
+    bump_pts = sphere_points()[:, 0] > 9.0
+    assert res.signed[11:, bump_pts].mean() > 2.0
+    assert abs(res.signed[1:11, bump_pts].mean()) < 1.0
+
+
+def test_severity_ranks_continuous_severity_and_separates_groups():
+    rng = np.random.default_rng(1)
+    model = severity.fit_normal_model(population(40, rng))
+    sev = np.r_[np.zeros(15), np.linspace(0.5, 3.0, 15)]
+    res = severity.severity(model, population(30, rng, bump=sev))
+    ev = severity.evaluate_severity(res.scores, sev > 0, sev)
+    assert ev["auc"] > 0.95
+    assert ev["spearman"] > 0.8 and ev["pearson"] > 0.8
+
+
+def test_severity_validates_inputs():
+    rng = np.random.default_rng(2)
+    with pytest.raises(InputError, match="at least 3"):
+        severity.fit_normal_model(population(2, rng))
+    model = severity.fit_normal_model(population(10, rng))
+    with pytest.raises(InputError, match="120"):
+        severity.severity(model, population(3, rng, m=60))
+    with pytest.raises(InputError, match="normals"):
+        severity.severity(model, population(3, rng), normals=np.zeros((5, 3)))
+
+
+# -- group differences -----------------------------------------------------------------------------
+def test_group_difference_of_identical_groups_is_zero_and_not_significant():
+    rng = np.random.default_rng(3)
+    a = population(12, rng)
+    diff = groups.group_difference(a, a.copy(), normals=sphere_points() / 10)
+    assert np.abs(diff.vectors).max() < 1e-12 and np.abs(diff.signed).max() < 1e-12
+    res = groups.permutation_test(a, a.copy(), n_permutations=200, seed=0)
+    assert res.statistic.max() < 1e-12
+    assert res.p_values.min() > 0.5  # every permutation is as extreme as a zero difference
+    assert res.p_fdr.min() > 0.05 and res.p_max.min() > 0.05
+
+
+def test_group_difference_two_samples_of_one_population_not_significant_after_correction():
+    rng = np.random.default_rng(4)
+    res = groups.permutation_test(population(15, rng), population(15, rng), n_permutations=300, seed=1)
+    assert res.p_fdr.min() > 0.05
+    assert res.p_max.min() > 0.05
+    assert np.mean(res.p_values < 0.05) < 0.2  # uncorrected: about 5 % by chance
+
+
+def test_group_difference_detects_a_real_difference_where_it_is():
+    rng = np.random.default_rng(5)
+    a, b = population(15, rng), population(15, rng, bump=2.5)
+    nrm = sphere_points() / 10
+    diff = groups.group_difference(a, b, normals=nrm)
+    bump_pts = nrm[:, 0] > 0.9
+    far_pts = nrm[:, 0] < -0.5
+    assert diff.signed[bump_pts].min() > 1.5  # outward in B
+    res = groups.permutation_test(a, b, n_permutations=500, seed=2)
+    assert res.p_fdr[bump_pts].max() < 0.05
+    assert res.p_max[bump_pts].max() < 0.05
+    assert np.median(res.p_values[far_pts]) > 0.05
+    again = groups.permutation_test(a, b, n_permutations=500, seed=2)
+    np.testing.assert_array_equal(again.p_values, res.p_values)  # seeded
+
+
+def test_fdr_bh_hand_values():
+    np.testing.assert_allclose(
+        groups.fdr_bh(np.array([0.01, 0.04, 0.03, 0.5])), [0.04, 0.16 / 3, 0.16 / 3, 0.5]
+    )
+
+
+# -- latent swim -----------------------------------------------------------------------------------
+def test_swim_endpoints_are_the_group_means():
+    rng = np.random.default_rng(6)
+    a, b = population(10, rng), population(12, rng, bump=2.0)
+    model = ShapeModel.fit(np.concatenate([a, b]))
+    result = swim.latent_swim(model.project(a), model.project(b), model.reconstruct, lambdas=5)
+    np.testing.assert_allclose(result.lambdas, [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(result.particles[0], a.mean(axis=0), atol=1e-9)
+    np.testing.assert_allclose(result.particles[-1], b.mean(axis=0), atol=1e-9)
+    np.testing.assert_allclose(result.particles[2], 0.5 * (a.mean(axis=0) + b.mean(axis=0)), atol=1e-9)
+    np.testing.assert_allclose(result.differences[0], 0.0, atol=1e-12)
+    # a λ grid not starting at 0 still measures differences from the group-A mean
+    part = swim.latent_swim(model.project(a), model.project(b), model.reconstruct, lambdas=[0.5, 1.0])
+    np.testing.assert_allclose(part.differences[-1], b.mean(axis=0) - a.mean(axis=0), atol=1e-9)
+
+
+def test_swim_meshes_follow_the_decoded_shapes():
+    from scipy.spatial import ConvexHull
+
+    from DeepSSMLogic.mesh import MeshWarper
+
+    rng = np.random.default_rng(10)
+    a, b = population(8, rng), population(8, rng, bump=2.0)
+    model = ShapeModel.fit(np.concatenate([a, b]))
+    base = sphere_points()
+    warper = MeshWarper(base, ConvexHull(base).simplices, base)
+    result = swim.latent_swim(model.project(a), model.project(b), model.reconstruct, lambdas=3)
+    verts = swim.swim_meshes(result, warper)
+    assert verts.shape == (3, len(base), 3)
+    # the template's vertices are its particles, so the warped vertices are the decoded particles
+    np.testing.assert_allclose(verts, result.particles, atol=1e-6)
+
+
+def test_swim_with_a_torch_decoder_and_validation():
+    import torch
+
+    lin = torch.nn.Linear(4, 30, dtype=torch.float32)
+    result = swim.latent_swim(np.zeros((3, 4)), np.ones((2, 4)), swim.torch_decoder(lin), lambdas=3)
+    assert result.particles.shape == (3, 10, 3)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        swim.latent_swim(np.zeros((3, 4)), np.ones((2, 4)), swim.torch_decoder(lin), lambdas=[0.0, 1.5])
+
+
+# -- classifier ------------------------------------------------------------------------------------
+def test_trim_dimensions_picks_the_largest_mean_difference():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(60, 6))
+    y = np.r_[np.zeros(30), np.ones(30)].astype(bool)
+    x[y, 4] += 5.0
+    x[y, 1] -= 2.0
+    np.testing.assert_array_equal(classifier.trim_dimensions(x, y, 2), [4, 1])
+
+
+@pytest.mark.parametrize("model", ["logistic", "mlp"])
+def test_classifier_beats_chance_on_separable_data(model):
+    rng = np.random.default_rng(8)
+    n = 80
+    y = rng.random(n) > 0.5
+    x = rng.normal(size=(n, 12))
+    x[:, 3] += 4.0 * y  # one informative dimension among noise
+    tr, te = classifier.stratified_split(y, 0.4, seed=0)
+    assert not set(tr) & set(te) and len(tr) + len(te) == n
+    res = classifier.classify_descriptors(x, y, tr, te, k=2, model=model, seed=0)
+    assert 3 in res.dimensions
+    assert res.accuracy > max(0.8, res.chance + 0.2)
+    again = classifier.classify_descriptors(x, y, tr, te, k=2, model=model, seed=0)
+    assert again.accuracy == res.accuracy
+
+
+def test_classifier_on_noise_is_near_chance_and_compare_table():
+    rng = np.random.default_rng(9)
+    y = np.r_[np.zeros(100), np.ones(100)].astype(bool)
+    tr, te = classifier.stratified_split(y, 0.5, seed=3)
+    informative = rng.normal(size=(200, 5)) + 3.0 * y[:, None] * [1, 0, 0, 0, 0]
+    table = classifier.compare_descriptors(
+        {"noise": rng.normal(size=(200, 5)), "informative": informative}, y, tr, te, k=2
+    )
+    assert table["noise"].accuracy < 0.65
+    assert table["informative"].accuracy > 0.85
+    with pytest.raises(InputError, match="both classes"):
+        classifier.classify_descriptors(rng.normal(size=(10, 2)), np.zeros(10), [0, 1], [2, 3])
+
+
+# -- severity from predicted particles (needs the training stack) ---------------------------------
+@pytest.fixture(scope="session")
+def cranium_model(tmp_path_factory):
+    from helpers_analysis import trained_cranium_bundle
+
+    return trained_cranium_bundle(tmp_path_factory.getbasetemp() / "cranium-bundle")
+
+
+@pytest.mark.slow
+def test_severity_from_predicted_particles_on_cranium(cranium_model, tmp_path):
+    """Paper Table 2 on the synthetic cranium: PPCA of the predicted normal training subjects, the
+    Mahalanobis severity of the predicted test subjects, against the true diagnosis and severity."""
+    from DeepSSMLogic.analysis.downstream import analyze_cohort
+
+    cohort, model = cranium_model
+    result = analyze_cohort(
+        cohort, tmp_path, model=model, device="cpu", align=False, n_permutations=50, render=False
+    )
+    assert result["particles"].startswith("predicted")
+    sev = result["severity"]
+    assert sev["protocol"].startswith("PPCA fitted on the normal subjects of the train/val splits")
+    assert sev["auc"] >= 0.9, sev
+    assert sev["pearson"] >= 0.8, sev
