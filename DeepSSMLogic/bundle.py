@@ -1,0 +1,414 @@
+"""The trained model as one self-describing, tamper-evident bundle (a directory or a ``.zip``).
+
+Layout::
+
+    model.json            schema version, architecture (networks.build_network), hyper-parameters,
+                          reference grid, intensity normaliser, PCA (mean/basis/eigenvalues and the
+                          score whitening), particle count, training summary, sha256 of every file
+    weights.pt            the network's state_dict only (loaded with ``weights_only=True``)
+    reference_image.nrrd  the registration target on the reference grid (model frame)
+    mean.particles        training mean shape, (M, 3) mm, LPS, model frame
+    template_mesh.vtk     optional: a surface whose vertices correspond to template.particles
+    template.particles    optional: the particles that ``template_mesh.vtk`` was built from
+
+The template mesh is the training subject closest to the mean shape; when ``DeepSSMLogic.mesh``
+offers a template warp it has been warped onto the mean particles at training time (then
+``template.particles`` equals ``mean.particles``). Predicted meshes warp it from
+``template.particles`` to the predicted particles.
+
+Loading verifies the schema version, every file's sha256, a digest of model.json's own content,
+that ``weights.pt`` is a plain ``{str: Tensor}`` state_dict and that its keys and shapes match
+the architecture. It never unpickles objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import weakref
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError, InputError
+from .fileutil import atomic_path, sha256_file
+from .geometry import Grid
+from .preprocess import IntensityNormalizer
+
+SCHEMA_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS = "weights.pt"
+REFERENCE_IMAGE = "reference_image.nrrd"
+MEAN_PARTICLES = "mean.particles"
+TEMPLATE_MESH = "template_mesh.vtk"
+TEMPLATE_PARTICLES = "template.particles"
+REQUIRED_FILES = (WEIGHTS, REFERENCE_IMAGE, MEAN_PARTICLES)
+KNOWN_FILES = REQUIRED_FILES + (TEMPLATE_MESH, TEMPLATE_PARTICLES)
+
+PathLike = str | os.PathLike[str]
+DESCRIPTOR_KINDS = {"base": "pca", "tl": "latent"}
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle. ``network`` is in eval mode on ``map_location``."""
+
+    path: Path
+    meta: dict[str, Any]
+    network: Any
+    architecture: dict[str, Any]
+    grid: Grid
+    normalizer: IntensityNormalizer
+    shape_model: Any  # shape_model.ShapeModel (PCA + score whitening) or None
+    mean_particles: np.ndarray
+    reference_image_path: Path
+    template_mesh_path: Path | None
+    template_particles: np.ndarray | None
+    _files_dir: Path = field(repr=False, default=Path("."))
+    _cleanup: Any = field(repr=False, default=None)
+
+    @property
+    def n_particles(self) -> int:
+        return int(self.mean_particles.shape[0])
+
+    @property
+    def descriptor_kind(self) -> str:
+        """Descriptor type: "pca" (Base-DeepSSM scores, mm) or "latent" (TL-DeepSSM code)."""
+        return str(self.meta.get("descriptor_kind", "pca"))
+
+    def reference_image(self) -> Any:
+        """The reference image (SimpleITK), on the reference grid."""
+        from .io import read_image
+
+        return read_image(self.reference_image_path)
+
+
+# -- digests --------------------------------------------------------------------------------------
+def _content_digest(meta: dict[str, Any]) -> str:
+    """sha256 of model.json's content, excluding the digest field itself (detects edits)."""
+    body = {k: v for k, v in meta.items() if k != "content_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return _to_jsonable(obj.to_dict())
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return _to_jsonable(asdict(obj))
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+# -- saving ---------------------------------------------------------------------------------------
+def save_bundle(
+    path: PathLike,
+    network: Any,
+    architecture: dict[str, Any],
+    reference_grid: Grid,
+    normalizer: IntensityNormalizer,
+    shape_model: Any,
+    reference_image: Any,
+    template_mesh: Any | None = None,
+    training_summary: dict[str, Any] | None = None,
+    *,
+    template_particles: np.ndarray | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    mean_particles: np.ndarray | None = None,
+) -> Path:
+    """Write a bundle atomically to ``path`` (a directory, or a single file when it ends in .zip).
+
+    ``network``: a torch module (its state_dict is saved) or a state_dict; ``architecture``: the
+    network's ``architecture`` dict (``networks.build_network`` input); ``shape_model``: the
+    training ``ShapeModel`` (PCA + whitening; its mean is the mean shape, (M, 3) mm, model frame)
+    or None with ``mean_particles`` given; ``reference_image``: a SimpleITK image or a path (the
+    registration target, on ``reference_grid``); ``template_mesh``: vtkPolyData or a path
+    (optional) whose corresponding points are ``template_particles`` (default: the mean shape).
+    Returns the bundle path.
+    """
+    import torch
+
+    from . import io
+
+    target = Path(path)
+    if mean_particles is None:
+        if shape_model is None:
+            raise InputError("save_bundle: give a shape_model or mean_particles")
+        mean_particles = shape_model.mean
+    mean = np.asarray(mean_particles, dtype=np.float64)
+    if mean.ndim != 2 or mean.shape[1] != 3:
+        raise InputError(f"save_bundle: mean_particles must be (M, 3), found {mean.shape}")
+    variant = architecture.get("variant")
+    if variant not in DESCRIPTOR_KINDS:
+        raise InputError(f"save_bundle: architecture 'variant' must be one of {sorted(DESCRIPTOR_KINDS)}")
+    if shape_model is not None:
+        pca: dict[str, Any] | None = {
+            "meta": _to_jsonable(shape_model.meta),
+            **{k: np.asarray(v, dtype=np.float64).tolist() for k, v in shape_model.to_arrays().items()},
+        }
+    else:
+        pca = None
+    state = network.state_dict() if hasattr(network, "state_dict") else dict(network)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+    with atomic_path(target) as tmp:
+        work = Path(tempfile.mkdtemp(prefix=".bundle.", dir=tmp.parent)) if target.suffix == ".zip" else tmp
+        work.mkdir(parents=True, exist_ok=True)
+        torch.save(state, work / WEIGHTS)
+        if isinstance(reference_image, str | os.PathLike):
+            reference_image = io.read_image(reference_image)
+        io.write_image(reference_image, work / REFERENCE_IMAGE)
+        io.write_particles(work / MEAN_PARTICLES, mean)
+        has_template = template_mesh is not None
+        if has_template:
+            if isinstance(template_mesh, str | os.PathLike):
+                template_mesh = io.read_mesh(template_mesh)
+            io.write_mesh(template_mesh, work / TEMPLATE_MESH)
+            tp = mean if template_particles is None else np.asarray(template_particles, dtype=np.float64)
+            if tp.shape != mean.shape:
+                raise InputError(
+                    f"save_bundle: template_particles {tp.shape} must match mean_particles {mean.shape}"
+                )
+            io.write_particles(work / TEMPLATE_PARTICLES, tp)
+        files = [f for f in KNOWN_FILES if (work / f).exists()]
+        meta: dict[str, Any] = {
+            "format": "deepssm-bundle",
+            "schema_version": SCHEMA_VERSION,
+            "descriptor_kind": DESCRIPTOR_KINDS[variant],
+            "architecture": _to_jsonable(architecture),
+            "hyperparameters": _to_jsonable(hyperparameters or {}),
+            "reference_grid": reference_grid.to_dict(),
+            "normalizer": normalizer.to_dict(),
+            "n_particles": int(mean.shape[0]),
+            "pca": pca,
+            "training_summary": _to_jsonable(training_summary or {}),
+            "files": {f: sha256_file(work / f) for f in files},
+        }
+        meta["content_sha256"] = _content_digest(meta)
+        (work / MODEL_JSON).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        if work is not tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for f in [MODEL_JSON, *files]:
+                    # float weights barely compress; storing them keeps save/load fast
+                    zf.write(work / f, arcname=f, compress_type=zipfile.ZIP_STORED if f == WEIGHTS else None)
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+# -- loading --------------------------------------------------------------------------------------
+def _extract_zip(path: Path) -> Path:
+    # only the known flat names are extracted, so a crafted zip cannot write outside ``tmp``
+    tmp = Path(tempfile.mkdtemp(prefix="deepssm-bundle-"))
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            unknown = [n for n in names if n not in (MODEL_JSON,) + KNOWN_FILES]
+            if unknown:
+                raise BundleError(f"{path}: unexpected entries in the bundle zip: {unknown}")
+            for n in names:
+                (tmp / n).write_bytes(zf.read(n))
+    except zipfile.BadZipFile as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(f"{path}: not a valid zip bundle ({e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _shape_model_from_meta(src: Path, pca: Any) -> Any:
+    if not pca:
+        return None
+    from .shape_model import ShapeModel
+
+    try:
+        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in pca.items() if k != "meta"}
+        return ShapeModel.from_arrays(arrays, pca.get("meta"))
+    except (InputError, ValueError, TypeError, AttributeError) as e:
+        raise BundleError(f"{src}/{MODEL_JSON}: invalid 'pca' section ({e})") from None
+
+
+def read_bundle_meta(path: PathLike) -> dict[str, Any]:
+    """model.json of a bundle (dir or zip), schema-checked but without loading the network."""
+    p = Path(path)
+    if not p.exists():
+        raise BundleError(f"{p}: no such model bundle")
+    if p.is_dir():
+        mj = p / MODEL_JSON
+        if not mj.is_file():
+            raise BundleError(f"{p}: missing {MODEL_JSON} (not a DeepSSM model bundle)")
+        text = mj.read_text(encoding="utf-8")
+    else:
+        try:
+            with zipfile.ZipFile(p) as zf:
+                text = zf.read(MODEL_JSON).decode("utf-8")
+        except KeyError:
+            raise BundleError(f"{p}: missing {MODEL_JSON} (not a DeepSSM model bundle)") from None
+        except zipfile.BadZipFile:
+            raise BundleError(f"{p}: neither a bundle directory nor a valid .zip bundle") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{p}/{MODEL_JSON}: invalid JSON ({e})") from None
+    _check_schema(p, meta)
+    return meta
+
+
+def _check_schema(p: Path, meta: Any) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != "deepssm-bundle":
+        raise BundleError(f"{p}/{MODEL_JSON}: not a DeepSSM model description (format field missing)")
+    version = meta.get("schema_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{p}/{MODEL_JSON}: schema_version must be an integer, found {version!r}")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"{p}: bundle schema version {version} is newer than this software supports "
+            f"(schema version {SCHEMA_VERSION}); update DeepSSM to load it"
+        )
+    if version < 1:
+        raise BundleError(f"{p}: unknown bundle schema version {version}")
+
+
+def load_state_dict_safely(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load ``weights.pt`` as a plain ``{str: Tensor}`` dict, never unpickling objects."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(
+            f"{path}: refusing to load weights that are not a plain state_dict of tensors "
+            f"(safe weights-only load failed: {first})"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise BundleError(
+            f"{path}: expected a state_dict mapping names to tensors, found {type(state).__name__}"
+        )
+    return state
+
+
+def load_bundle(path: PathLike, map_location: Any = "cpu") -> Bundle:
+    """Load and verify a bundle (directory or .zip); raises :class:`BundleError` on any problem."""
+
+    src = Path(path)
+    meta = read_bundle_meta(src)
+    if src.is_dir():
+        return _load_from_dir(src, src, meta, map_location)
+    files_dir = _extract_zip(src)
+    try:
+        bundle = _load_from_dir(src, files_dir, meta, map_location)
+    except BaseException:
+        shutil.rmtree(files_dir, ignore_errors=True)
+        raise
+    # the extracted files live as long as the Bundle that points at them
+    bundle._cleanup = weakref.finalize(bundle, shutil.rmtree, str(files_dir), True)
+    return bundle
+
+
+def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_location: Any) -> Bundle:
+    import torch
+
+    from . import io
+
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"{src}/{MODEL_JSON}: lacks the 'files' table of sha256 digests")
+    if meta.get("content_sha256") != _content_digest(meta):
+        raise BundleError(f"{src}/{MODEL_JSON}: content digest mismatch (the model description was edited)")
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    missing += [f for f in files if not (files_dir / f).is_file()]
+    if missing:
+        raise BundleError(f"{src}: missing file(s) {sorted(set(missing))}")
+    for name, digest in files.items():
+        if name not in KNOWN_FILES:
+            raise BundleError(f"{src}/{MODEL_JSON}: lists an unknown file {name!r}")
+        actual = sha256_file(files_dir / name)
+        if actual != digest:
+            raise BundleError(
+                f"{src}: sha256 mismatch for {name} (expected {digest[:12]}…, found {actual[:12]}…); "
+                "the file was modified or corrupted"
+            )
+
+    try:
+        grid = Grid.from_dict(meta["reference_grid"])
+        normalizer = IntensityNormalizer.from_dict(meta["normalizer"])
+        architecture = dict(meta["architecture"])
+        n_particles = int(meta["n_particles"])
+    except KeyError as e:
+        raise BundleError(f"{src}/{MODEL_JSON}: lacks the field {e.args[0]!r}") from None
+    except InputError as e:
+        raise BundleError(f"{src}/{MODEL_JSON}: {e}") from None
+    shape_model = _shape_model_from_meta(src, meta.get("pca"))
+
+    try:
+        mean = io.read_particles(files_dir / MEAN_PARTICLES)
+    except InputError as e:
+        raise BundleError(str(e)) from None
+    if mean.shape != (n_particles, 3):
+        raise BundleError(
+            f"{src}: {MEAN_PARTICLES} has {mean.shape[0]} points, model.json says {n_particles}"
+        )
+
+    state = load_state_dict_safely(files_dir / WEIGHTS, map_location=map_location)
+    from .networks import build_network
+
+    try:
+        network = build_network(architecture)
+    except (InputError, KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{src}/{MODEL_JSON}: cannot build the network from 'architecture' ({e})") from None
+    expected = network.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: shape {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; … ({len(problems)} in all)" if len(problems) > 6 else "")
+        raise BundleError(f"{src}/{WEIGHTS}: weights do not match the architecture: {shown}")
+    network.load_state_dict(state, strict=True)
+    network.to(torch.device(map_location) if isinstance(map_location, str | torch.device) else "cpu")
+    network.eval()
+
+    template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in files else None
+    template_pts = None
+    if TEMPLATE_PARTICLES in files:
+        template_pts = io.read_particles(files_dir / TEMPLATE_PARTICLES)
+    return Bundle(
+        path=src,
+        meta=meta,
+        network=network,
+        architecture=architecture,
+        grid=grid,
+        normalizer=normalizer,
+        shape_model=shape_model,
+        mean_particles=mean,
+        reference_image_path=files_dir / REFERENCE_IMAGE,
+        template_mesh_path=template_mesh,
+        template_particles=template_pts,
+        _files_dir=files_dir,
+    )

@@ -1,0 +1,171 @@
+"""``deepssm train COHORT --out MODEL``: cohort → augmented set → trained network → model bundle.
+
+Also runs under ``torchrun --nproc_per_node N -m DeepSSMLogic.cli train ...`` (DDP; rank 0 writes
+the augmented set and the bundle, the other ranks wait for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..progress import ProgressCallback, ProgressEvent
+
+
+def tqdm_progress(disable: bool = False) -> tuple[ProgressCallback, Any]:
+    """A progress callback drawing one tqdm bar per stage; returns ``(callback, close)``."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {"stage": None, "bar": None}
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+
+    def report(event: ProgressEvent) -> None:
+        if disable:
+            return
+        if event.stage != state["stage"] or state["bar"] is None or state["bar"].total != event.total:
+            close()
+            state["stage"] = event.stage
+            state["bar"] = tqdm(total=event.total, desc=event.stage, unit="", leave=False, file=sys.stderr)
+        bar = state["bar"]
+        bar.n = event.done
+        if event.metrics:
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.metrics.items()}
+            bar.set_postfix(shown, refresh=False)
+        elif event.message:
+            bar.set_postfix_str(event.message[:40], refresh=False)
+        bar.refresh()
+
+    return report, close
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        help="train Base- or TL-DeepSSM on a cohort and write a model bundle",
+        description=(
+            "Train DeepSSM on a cohort (CSV manifest or ShapeWorks project): the training particles define "
+            "the reference grid (bounding box + margin), images are resampled onto it, intensities are "
+            "normalised with training-set statistics, a PCA shape model drives model-based augmentation, "
+            "and the network is trained with a validation split of the training pool (real + augmented). "
+            "The result is a self-contained, verified bundle (directory, or one file when MODEL ends in .zip)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  deepssm train data/cohort.csv --out models/femur --augment 500 --loss focal\n"
+            "  deepssm train data/cohort.csv --out models/atrium.zip --variant tl --augment-online\n"
+            "  torchrun --nproc_per_node 2 -m DeepSSMLogic.cli train data/cohort.csv --out models/m"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("cohort", help="cohort.csv, or a ShapeWorks project (.swproj or .xlsx)")
+    parser.add_argument("--out", required=True, help="model bundle to write (directory, or .zip)")
+    parser.add_argument("--variant", choices=("base", "tl"), default="base", help="network (default: base)")
+    parser.add_argument("--loss", choices=("l2", "focal"), default="l2", help="loss (default: l2)")
+    aug = parser.add_mutually_exclusive_group()
+    aug.add_argument(
+        "--augment", type=int, default=0, metavar="N", help="N offline augmented samples (default 0)"
+    )
+    aug.add_argument(
+        "--augment-online", action="store_true", help="warp fresh augmented samples every epoch instead"
+    )
+    parser.add_argument(
+        "--online-samples", type=int, default=0, metavar="N", help="with --augment-online: samples per epoch"
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=("kde", "gaussian", "gmm"),
+        default="kde",
+        help="augmentation sampler (default kde)",
+    )
+    parser.add_argument("--epochs", type=int, default=100, help="training epochs (Base; TL: see --extra)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its checkpoint"
+    )
+    parser.add_argument("--spacing", type=float, help="reference grid spacing in mm (default: the images')")
+    parser.add_argument(
+        "--downsample", type=float, default=1.0, help="multiply the spacing by this factor (paper: 1-4)"
+    )
+    parser.add_argument("--margin", type=float, default=10.0, help="grid margin around the particles, mm")
+    parser.add_argument("--conv-padding", choices=("auto", "valid", "same"), default="auto")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of the pool")
+    parser.add_argument("--n-modes", type=int, help="PCA modes (Base; default: 99%% of the variance)")
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other training setting, e.g. --extra lr=5e-4 --extra patience=10 (JSON values)",
+    )
+    parser.add_argument("--work-dir", help="intermediate files (default: MODEL.work next to MODEL)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def parse_extra(items: list[str]) -> dict[str, Any]:
+    import json
+
+    from ..errors import InputError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--extra {item!r}: expected FIELD=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import TrainingOptions, train_model
+
+    extra = parse_extra(args.extra)
+    options = TrainingOptions(
+        variant=args.variant,
+        loss=args.loss,
+        augment=args.online_samples if args.augment_online else args.augment,
+        augment_online=args.augment_online,
+        sampler=args.sampler,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        resume=args.resume,
+        spacing=args.spacing,
+        downsample=args.downsample,
+        margin_mm=args.margin,
+        conv_padding=args.conv_padding,
+        val_fraction=args.val_fraction,
+        n_modes=args.n_modes,
+        extra=extra,
+    )
+    report, close = tqdm_progress(disable=args.quiet or not _is_rank0())
+    try:
+        outcome = train_model(args.cohort, args.out, options, report, work_dir=args.work_dir)
+    finally:
+        close()
+    if outcome.bundle is not None:
+        s = outcome.summary
+        print(
+            f"model: {outcome.bundle}\n"
+            f"best validation RMSE: {s.get('best_val_rmse_mm', float('nan')):.3f} mm "
+            f"(epoch {s.get('best_epoch')}, {s.get('epochs_run')} epochs, {s.get('seconds_total', 0):.0f} s)\n"
+            f"intermediate files: {outcome.work_dir}"
+        )
+    return 0

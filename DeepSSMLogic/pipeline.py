@@ -1,0 +1,549 @@
+"""From a cohort to network-ready arrays: the reference grid and the resampled training set.
+
+The reference grid is the axis-aligned bounding box of all training particles plus a margin (the
+paper's crop), at a chosen spacing, optionally coarsened by a downsampling factor. Training images
+are already in the particles' physical frame (world particles), so they are resampled onto that
+grid with the identity transform. Intensities are kept RAW here: the normaliser is fitted on the
+training arrays afterwards and stored in the bundle (see ``preprocess.IntensityNormalizer``).
+
+SimpleITK is imported lazily (through ``io`` / ``preprocess``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, ValidationError
+from .geometry import Grid
+from .progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
+
+
+@dataclass
+class TrainingArrays:
+    """Training data on the reference grid.
+
+    ``images`` ``(N, Z, Y, X)`` float32, raw intensities; ``particles`` ``(N, M, 3)`` float64, mm,
+    LPS; ``segmentations`` ``(N, Z, Y, X)`` uint8 (nearest-neighbour) or None when any subject lacks one.
+    """
+
+    ids: list[str]
+    images: np.ndarray
+    particles: np.ndarray
+    grid: Grid
+    segmentations: np.ndarray | None = None
+
+
+def reference_grid(
+    particles: np.ndarray,
+    spacing: float | Sequence[float],
+    margin_mm: float = 10.0,
+    min_size: int | Sequence[int] | None = None,
+    downsample: float = 1.0,
+) -> Grid:
+    """Reference grid: bounding box of ``particles`` ``(N, M, 3)`` (mm, LPS) plus ``margin_mm``.
+
+    ``spacing`` (mm, scalar or x,y,z) is multiplied by ``downsample`` (the paper's downsampling
+    factor: 2 halves the voxels per axis). ``min_size`` (voxels, scalar or x,y,z) grows the grid
+    symmetrically about the box centre so small anatomies still fit a network's receptive field.
+    The direction is the identity.
+    """
+    pts = np.asarray(particles, dtype=np.float64)
+    if pts.ndim < 2 or pts.shape[-1] != 3 or pts.size == 0:
+        raise InputError(f"reference_grid: particles must have shape (N, M, 3), found {pts.shape}")
+    if not np.all(np.isfinite(pts)):
+        raise InputError("reference_grid: particles contain NaN or Inf coordinates")
+    if not downsample > 0:
+        raise InputError(f"reference_grid: downsample factor must be positive, found {downsample}")
+    if margin_mm < 0:
+        raise InputError(f"reference_grid: margin_mm must be >= 0, found {margin_mm}")
+    sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)) * float(downsample)
+    if not np.all(sp > 0):
+        raise InputError(f"reference_grid: spacing must be positive, found {tuple(sp)}")
+    grid = Grid.bounding(pts, tuple(float(s) for s in sp), margin_mm)
+    if min_size is not None:
+        want = np.broadcast_to(np.asarray(min_size, dtype=np.int64), (3,))
+        size = np.asarray(grid.size, dtype=np.int64)
+        new_size = np.maximum(size, want)
+        # keep the box centred on the particles when it grows
+        origin = np.asarray(grid.origin) - (new_size - size) * sp / 2.0
+        grid = Grid(tuple(origin.tolist()), grid.spacing, tuple(int(s) for s in new_size))
+    return grid
+
+
+def _subject_field(subject: Any, name: str) -> Any:
+    return getattr(subject, name, None)
+
+
+def prepare_training_arrays(
+    subjects: Sequence[Any],
+    grid: Grid,
+    progress: ProgressCallback = null_progress,
+    cancel: CancelToken | None = None,
+) -> TrainingArrays:
+    """Read every subject's image and particles and resample the image onto ``grid``.
+
+    ``subjects`` are ``cohort.Subject`` objects (``id``, ``image``, ``particles``, optional
+    ``segmentation``). Checks that every subject has an image and particles, that all particle
+    counts agree, that coordinates are finite and that images have usable values (no NaN/Inf,
+    not constant, and not empty on the grid). All problems are reported together in one
+    :class:`ValidationError`.
+    """
+    from . import io
+    from .preprocess import check_image_values, resample_to_grid
+
+    if len(subjects) == 0:
+        raise InputError("prepare_training_arrays: no subjects given")
+    n = len(subjects)
+    shape = grid.shape_zyx
+    images = np.empty((n,) + shape, dtype=np.float32)
+    all_seg = all(_subject_field(s, "segmentation") is not None for s in subjects)
+    segs = np.empty((n,) + shape, dtype=np.uint8) if all_seg else None
+    particles: list[np.ndarray | None] = []
+    problems: list[str] = []
+    ids: list[str] = []
+    for i, s in enumerate(subjects):
+        if cancel is not None:
+            cancel.check()
+        sid = str(_subject_field(s, "id") or f"subject {i}")
+        ids.append(sid)
+        img_path = _subject_field(s, "image")
+        pts_path = _subject_field(s, "particles")
+        pts = None
+        if pts_path is None:
+            problems.append(f"{sid}: no particles file (training needs ground-truth correspondences)")
+        else:
+            try:
+                pts = io.read_particles(pts_path)
+                if not np.all(np.isfinite(pts)):
+                    problems.append(f"{pts_path}: particles contain NaN or Inf coordinates")
+                    pts = None
+            except InputError as e:
+                problems.append(str(e))
+        particles.append(pts)
+        if img_path is None:
+            problems.append(f"{sid}: no image file")
+        else:
+            try:
+                image = io.read_image(img_path)
+                check_image_values(_sitk_view(image), str(img_path))
+                arr = resample_to_grid(image, grid)
+                if float(arr.max()) == float(arr.min()):
+                    problems.append(
+                        f"{img_path}: the image is constant on the reference grid "
+                        "(it does not overlap the training particles' bounding box)"
+                    )
+                images[i] = arr
+                if segs is not None:
+                    seg = io.read_image(_subject_field(s, "segmentation"))
+                    segs[i] = (
+                        resample_to_grid(seg, grid, interpolator="nearest", default_value=0.0) > 0.5
+                    ).astype(np.uint8)
+            except InputError as e:
+                problems.append(str(e))
+        progress(ProgressEvent("prepare", i + 1, n, f"resampled {sid}"))
+
+    counts = {p.shape[0] for p in particles if p is not None}
+    if len(counts) > 1:
+        detail = ", ".join(
+            f"{sid}: {p.shape[0]}" for sid, p in zip(ids, particles, strict=True) if p is not None
+        )
+        problems.append(f"particle files have differing point counts ({detail}); expected one count for all")
+    if problems:
+        raise ValidationError("cannot prepare the training arrays", problems)
+    return TrainingArrays(
+        ids=ids,
+        images=images,
+        particles=np.stack([p for p in particles if p is not None]).astype(np.float64),
+        grid=grid,
+        segmentations=segs,
+    )
+
+
+def _sitk_view(image: Any) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayViewFromImage(image)
+
+
+# -- cohort → trained bundle ------------------------------------------------------------------------
+@dataclass
+class TrainingOptions:
+    """What ``deepssm train`` exposes; everything else comes from ``training.TrainConfig`` defaults.
+
+    ``spacing`` mm (None: the first training image's spacing); ``downsample`` multiplies it;
+    ``augment`` number of offline augmented samples (0: none); ``augment_online`` warps fresh
+    samples every epoch instead; ``val_fraction`` of the training pool (real + augmented) held out
+    for validation (the cohort's own ``val`` subjects are added to it).
+    """
+
+    variant: str = "base"
+    loss: str = "l2"
+    augment: int = 0
+    augment_online: bool = False
+    sampler: str = "kde"
+    epochs: int = 100
+    batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    spacing: float | None = None
+    downsample: float = 1.0
+    margin_mm: float = 10.0
+    conv_padding: str = "auto"  # "auto": "valid" (the paper) when the grid allows it, else "same"
+    val_fraction: float = 0.15
+    n_modes: int | None = None
+    align: bool = True  # register training images to the reference like the predictor does
+    extra: dict[str, Any] | None = None  # further TrainConfig fields (e.g. lr, patience, ae_epochs)
+
+
+@dataclass
+class TrainOutcome:
+    bundle: Path | None  # None on ranks other than 0 under torchrun
+    work_dir: Path
+    summary: dict[str, Any]
+
+
+class _ArrayDataset:
+    """``(image (1, Z, Y, X) float32 raw, particles (M, 3) float32)`` from in-memory arrays."""
+
+    def __init__(self, images: np.ndarray, particles: np.ndarray):
+        self.images = images
+        self.particles = particles.astype(np.float32)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[i][None], self.particles[i]
+
+
+class _Subset:
+    def __init__(self, base: Any, indices: Sequence[int]):
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.indices[i]]
+
+
+class _Concat:
+    def __init__(self, parts: Sequence[Any]):
+        self.parts = [p for p in parts if p is not None and len(p) > 0]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> Any:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.parts[k][i - int(self.offsets[k])]
+
+
+def default_work_dir(out: Path) -> Path:
+    """Where intermediate files (augmented set, checkpoints, logs) of a bundle ``out`` live."""
+    return out.with_name(out.name.removesuffix(".zip") + ".work")
+
+
+def choose_conv_padding(grid: Grid, requested: str = "auto") -> str:
+    """ "valid" (the paper's convolutions) when every axis is large enough, else "same"."""
+    from .networks import minimum_grid_size
+
+    if requested != "auto":
+        return requested
+    return "valid" if min(grid.size) >= minimum_grid_size("valid") else "same"
+
+
+def mean_reference_image(images: np.ndarray, grid: Grid) -> Any:
+    """The voxel-wise mean of the training images ``(N, Z, Y, X)`` on ``grid`` (SimpleITK image).
+
+    Registering new images to this atlas (rather than to one subject) aligns them to the
+    training population's average pose, where the network has seen the most data.
+    """
+    from .preprocess import image_from_array
+
+    return image_from_array(images.mean(axis=0, dtype=np.float64).astype(np.float32), grid)
+
+
+def template_mesh_for(
+    subjects: Sequence[Any],
+    particles: np.ndarray,
+    mean: np.ndarray,
+    model_particles: np.ndarray | None = None,
+) -> tuple[Any, np.ndarray] | None:
+    """The mesh of the training subject closest to the mean shape, warped onto the mean particles.
+
+    ``particles`` ``(N, M, 3)`` are in the meshes' own frames; ``model_particles`` (default: the
+    same) in the frame of ``mean``, used to pick the subject. Returns ``(vtkPolyData,
+    template_particles (M, 3))`` or None when no subject has a mesh. The warp is
+    ``mesh.MeshWarper`` (thin-plate spline), so ``template_particles`` is ``mean``.
+    """
+    from . import io
+    from .mesh import MeshWarper
+
+    ref = particles if model_particles is None else model_particles
+    rmse = np.sqrt(((ref - mean[None]) ** 2).sum(-1).mean(-1))
+    for i in np.argsort(rmse):
+        mesh_path = _subject_field(subjects[int(i)], "mesh")
+        if mesh_path is None:
+            continue
+        mesh = io.read_mesh(mesh_path)
+        warper = MeshWarper.from_polydata(mesh, particles[int(i)])
+        return warper.polydata(mean), mean
+    return None
+
+
+def align_training_arrays(
+    subjects: Sequence[Any],
+    arrays: TrainingArrays,
+    reference: Any,
+    settings: Any = None,
+    progress: ProgressCallback = null_progress,
+    cancel: CancelToken | None = None,
+) -> tuple[TrainingArrays, np.ndarray]:
+    """Register every subject's image to ``reference`` exactly as the predictor will at inference,
+    and express images and particles in that model frame.
+
+    Training on aligned images makes the network see the same kind of input it gets at inference
+    (the registration's residual pose bias is identical), which matters when the shape variation is
+    small. Returns the new arrays and the ``(N, 4, 4)`` model → subject transforms.
+    """
+    from . import io
+    from .predict import apply_matrix, register_to_reference
+    from .preprocess import resample_to_grid
+
+    grid = arrays.grid
+    n = len(subjects)
+    images = np.empty_like(arrays.images)
+    particles = np.empty_like(arrays.particles)
+    segs = None if arrays.segmentations is None else np.empty_like(arrays.segmentations)
+    matrices = np.empty((n, 4, 4))
+    for i, s in enumerate(subjects):
+        if cancel is not None:
+            cancel.check()
+        image = io.read_image(_subject_field(s, "image"))
+        al = register_to_reference(image, reference, settings)
+        matrices[i] = al.matrix
+        images[i] = resample_to_grid(image, grid, transform=al.transform)
+        particles[i] = apply_matrix(np.linalg.inv(al.matrix), arrays.particles[i])
+        if segs is not None:
+            seg = io.read_image(_subject_field(s, "segmentation"))
+            segs[i] = resample_to_grid(seg, grid, al.transform, "nearest", 0.0) > 0.5
+        progress(ProgressEvent("align", i + 1, n, f"aligned {arrays.ids[i]}"))
+    return TrainingArrays(list(arrays.ids), images, particles, grid, segs), matrices
+
+
+def _distributed_context(device: str) -> tuple[int, int, Any]:
+    """(rank, world, barrier) under torchrun; the process group is shared with ``training.train``."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, lambda: None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world, dist.barrier
+
+
+def train_model(
+    cohort: Any,
+    out: str | Path,
+    options: TrainingOptions | None = None,
+    progress: ProgressCallback = null_progress,
+    cancel: CancelToken | None = None,
+    work_dir: str | Path | None = None,
+) -> TrainOutcome:
+    """Cohort → reference grid → arrays → normaliser → shape model → augmentation → training →
+    bundle (written atomically to ``out``, a directory or ``.zip``; by rank 0 only under torchrun).
+
+    ``cohort``: a ``cohort.Cohort`` or a manifest path. The normaliser is fitted on the real
+    training images only and travels unchanged in the bundle.
+    """
+    import time
+
+    from . import io
+    from .bundle import save_bundle
+    from .cohort import Cohort, load_cohort
+    from .preprocess import IntensityNormalizer
+    from .shape_model import ShapeModel
+    from .training import TrainConfig, train
+
+    opts = options or TrainingOptions()
+    t0 = time.perf_counter()
+    out = Path(out)
+    work = Path(work_dir) if work_dir is not None else default_work_dir(out)
+    if not isinstance(cohort, Cohort):
+        cohort = load_cohort(cohort)
+    train_subjects = cohort.by_split("train")
+    val_subjects = [s for s in cohort.by_split("val") if s.particles is not None]
+    if len(train_subjects) < 3:
+        raise InputError(
+            f"{cohort.source}: training needs at least 3 training subjects, found {len(train_subjects)}"
+        )
+    if opts.augment < 0:
+        raise InputError(f"--augment: expected a number ≥ 0, found {opts.augment}")
+    if not 0.0 < opts.val_fraction < 0.9:
+        raise InputError(f"validation fraction: expected a value in (0, 0.9), found {opts.val_fraction}")
+    rank, world, barrier = _distributed_context(opts.device)
+
+    # -- geometry and arrays
+    particles = np.stack([io.read_particles(s.particles) for s in train_subjects])
+    spacing = opts.spacing
+    if spacing is None:
+        spacing = tuple(float(v) for v in io.read_image(train_subjects[0].image).GetSpacing())
+    grid = reference_grid(particles, spacing, opts.margin_mm, downsample=opts.downsample)
+    padding = choose_conv_padding(grid, opts.conv_padding)
+    arrays = prepare_training_arrays(train_subjects, grid, progress, cancel)
+    val_arrays = prepare_training_arrays(val_subjects, grid, progress, cancel) if val_subjects else None
+    if val_arrays is not None and val_arrays.particles.shape[1] != arrays.particles.shape[1]:
+        raise InputError(
+            f"validation subjects have {val_arrays.particles.shape[1]} particles, training subjects "
+            f"{arrays.particles.shape[1]}"
+        )
+    reference = mean_reference_image(arrays.images, grid)
+    world_particles = arrays.particles
+    if opts.align:
+        arrays, _ = align_training_arrays(train_subjects, arrays, reference, None, progress, cancel)
+        if val_arrays is not None:
+            val_arrays, _ = align_training_arrays(val_subjects, val_arrays, reference, None, progress, cancel)
+    normalizer = IntensityNormalizer.fit(arrays.images)
+    shape_model = ShapeModel.fit(arrays.particles)
+
+    # -- augmentation
+    real = _ArrayDataset(arrays.images, arrays.particles)
+    augmented: Any = None
+    aug_info: dict[str, Any] = {"kind": "none"}
+    if opts.augment_online or opts.augment > 0:
+        from .augment import dataset as aug_dataset
+        from .augment import make_sampler
+
+        sampler = make_sampler(opts.sampler)
+        sampler.fit(shape_model.project(arrays.particles))
+        if opts.augment_online:
+            n_online = opts.augment or 4 * len(real)
+            augmented = aug_dataset.OnlineAugmentedDataset(
+                arrays.images,
+                arrays.particles,
+                grid,
+                shape_model,
+                sampler,
+                samples_per_epoch=n_online,
+                seed=opts.seed,
+                device=opts.device,
+            )
+            aug_info = {"kind": "online", "sampler": opts.sampler, "samples_per_epoch": n_online}
+        else:
+            aug_dir = work / "augmentation"
+            if rank == 0:
+                aug_dataset.write_augmented_set(
+                    aug_dir,
+                    arrays.images,
+                    arrays.particles,
+                    grid,
+                    shape_model,
+                    sampler,
+                    opts.augment,
+                    seed=opts.seed,
+                    device=opts.device,
+                    progress=progress,
+                    cancel=cancel,
+                )
+            barrier()
+            augmented = aug_dataset.AugmentedSet(aug_dir)
+            aug_info = {"kind": "offline", "sampler": opts.sampler, "n": opts.augment, "dir": str(aug_dir)}
+
+    # -- validation split of the pool (real + offline augmented); online samples stay in training
+    rng = np.random.default_rng(opts.seed)
+    pool = _Concat([real, augmented if not opts.augment_online else None])
+    order = rng.permutation(len(pool))
+    n_val = max(1, round(opts.val_fraction * len(pool)))
+    val_parts: list[Any] = [_Subset(pool, sorted(order[:n_val]))]
+    if val_arrays is not None:
+        val_parts.append(_ArrayDataset(val_arrays.images, val_arrays.particles))
+    # online: the trainer streams fresh warps of the real training images every epoch
+    train_set = augmented if opts.augment_online else _Concat([_Subset(pool, sorted(order[n_val:]))])
+    val_set = _Concat(val_parts)
+
+    fields: dict[str, Any] = dict(opts.extra or {})
+    fields.update(
+        variant=opts.variant,
+        loss=opts.loss,
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        device=opts.device,
+        seed=opts.seed,
+        conv_padding=padding,
+        n_modes=opts.n_modes,
+    )
+    config = TrainConfig.from_dict(fields)
+    result = train(
+        config,
+        train_set,
+        val_set,
+        work / "training",
+        progress,
+        cancel,
+        resume=opts.resume,
+        shape_model=shape_model,
+        image_transform=normalizer,
+    )
+
+    summary: dict[str, Any] = {
+        **result.summary(),
+        "n_train_subjects": len(train_subjects),
+        "n_val_subjects": len(val_subjects),
+        "train_ids": arrays.ids,
+        "n_train_samples": len(train_set),
+        "n_val_samples": len(val_set),
+        "augmentation": aug_info,
+        "cohort": str(cohort.source),
+        "world_size": world,
+        "seconds_total": time.perf_counter() - t0,
+    }
+    if rank != 0:
+        return TrainOutcome(None, work, summary)
+
+    bundle_sm = shape_model
+    net = result.model
+    if result.architecture.get("variant") == "base":
+        # the PCA the network decodes with: the first K modes and its score whitening
+        k = int(result.architecture["n_modes"])
+        bundle_sm = shape_model.truncated(k)
+        bundle_sm.score_mean = net.score_mean.detach().cpu().double().numpy()
+        bundle_sm.score_std = net.score_std.detach().cpu().double().numpy()
+    summary["training_images_aligned"] = opts.align
+    # meshes are in the subjects' own frames: warp from their world particles (the TPS absorbs the pose)
+    template = template_mesh_for(train_subjects, world_particles, shape_model.mean, arrays.particles)
+    summary["template_mesh"] = "closest-to-mean training mesh warped to the mean" if template else "none"
+    path = save_bundle(
+        out,
+        net,
+        result.architecture,
+        grid,
+        normalizer,
+        bundle_sm,
+        reference,
+        template[0] if template else None,
+        summary,
+        template_particles=template[1] if template else None,
+        hyperparameters={"train_config": config.to_dict(), "options": _options_dict(opts)},
+    )
+    return TrainOutcome(path, work, summary)
+
+
+def _options_dict(opts: TrainingOptions) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(opts)
