@@ -130,6 +130,18 @@ def xavier_init(module: nn.Module) -> None:
             nn.init.xavier_normal_(m.weight)
 
 
+def zero_output_layer(encoder: ImageEncoder) -> None:
+    """Zero the encoder's last linear layer so an untrained network predicts the mean descriptor.
+
+    With Xavier weights there, the first predictions sit tens of mm from any shape (training loss
+    in the hundreds of mm² at epoch 1 on the synthetic cohorts) and a small CPU budget is spent
+    walking back to the mean shape; starting at the mean (whitened score 0) makes every step an
+    improvement over the mean-shape baseline. Gradients reach earlier layers after the first step.
+    """
+    nn.init.zeros_(encoder.fc[-1].weight)
+    nn.init.zeros_(encoder.fc[-1].bias)
+
+
 def _as_tensor(a: Any, shape: tuple[int, ...], name: str) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(a, dtype=np.float32))
     if tuple(t.shape) != shape:
@@ -183,6 +195,7 @@ class BaseDeepSSM(nn.Module):
         self.encoder = ImageEncoder(self.input_shape_zyx, k, conv_padding, self.pool_size)
         self.decoder = nn.Linear(k, 3 * m)  # PCA reconstruction: particles = mean + scores @ basis
         xavier_init(self)
+        zero_output_layer(self.encoder)
         self.register_buffer("score_mean", torch.zeros(k))
         self.register_buffer("score_std", torch.ones(k))
         with torch.no_grad():
@@ -286,6 +299,7 @@ class TLDeepSSM(nn.Module):
         self.autoencoder = CorrespondenceAutoencoder(self.n_particles, self.latent_dim, self.hidden)
         self.tflank = ImageEncoder(self.input_shape_zyx, self.latent_dim, conv_padding, self.pool_size)
         xavier_init(self)
+        zero_output_layer(self.tflank)
         with torch.no_grad():
             if particle_mean is not None:
                 self.autoencoder.particle_mean.copy_(

@@ -197,7 +197,11 @@ class TrainingOptions:
     conv_padding: str = "auto"  # "auto": "valid" (the paper) when the grid allows it, else "same"
     val_fraction: float = 0.15
     n_modes: int | None = None
-    align: bool = True  # register training images to the reference like the predictor does
+    # Register training images to the reference like the predictor does. Off by default: a training
+    # cohort is expected in one frame (as ShapeWorks' groomed images and world particles are), and
+    # image registration to the mean image still moves un-posed synthetic subjects by 1-3 mm, noise
+    # that would land in the training targets.
+    align: bool = False
     extra: dict[str, Any] | None = None  # further TrainConfig fields (e.g. lr, patience, ae_epochs)
 
 

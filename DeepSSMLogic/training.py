@@ -68,6 +68,7 @@ class TrainConfig:
     n_modes: int | None = None  # Base: PCA modes; None = enough for ``variance_fraction``
     variance_fraction: float = 0.99
     conv_padding: str = "valid"  # "same" is our deviation for grids under 60 voxels per axis
+    pool_size: int | None = None  # adaptive pool before the FC layer (None: the paper's flatten)
     latent_dim: int = 64  # TL bottleneck
     ae_hidden: int = 512
     ae_epochs: int = 100
@@ -116,6 +117,8 @@ class TrainConfig:
             problems.append(f"weight_decay: expected ≥ 0, found {self.weight_decay}")
         if self.patience is not None and self.patience < 1:
             problems.append(f"patience: expected ≥ 1 or None, found {self.patience}")
+        if self.pool_size is not None and (not isinstance(self.pool_size, int) or self.pool_size < 1):
+            problems.append(f"pool_size: expected an integer ≥ 1 or None, found {self.pool_size!r}")
         if self.n_modes is not None and self.n_modes < 1:
             problems.append(f"n_modes: expected ≥ 1 or None, found {self.n_modes}")
         if not 0 < self.variance_fraction <= 1:
@@ -500,6 +503,7 @@ def _build_model(config: TrainConfig, train: _Data, shape_model: Any) -> tuple[n
             sm.score_mean,
             sm.score_std,
             conv_padding=config.conv_padding,
+            pool_size=config.pool_size,
         )
         return model, sm
     mean = pts.mean(axis=0)
@@ -512,6 +516,7 @@ def _build_model(config: TrainConfig, train: _Data, shape_model: Any) -> tuple[n
         scale if scale > 0 else 1.0,
         hidden=config.ae_hidden,
         conv_padding=config.conv_padding,
+        pool_size=config.pool_size,
     )
     return model, None
 
