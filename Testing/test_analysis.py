@@ -1,5 +1,7 @@
 """Downstream analyses: PPCA severity, group differences, latent swim, descriptor classifier."""
 
+import os
+
 import numpy as np
 import pytest
 
