@@ -138,6 +138,8 @@ def untrained_tl_bundle(cohort_csv: Path, path: Path) -> Path:
         hidden=32,
         conv_padding="same",
     ).eval()
+    # The head starts at zero (every image → the mean latent); random weights give distinct shapes.
+    torch.nn.init.xavier_normal_(net.tflank.fc[-1].weight)
     template = template_mesh_for(train, arrays.particles, mean)
     return save_bundle(
         path,
