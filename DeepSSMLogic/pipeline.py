@@ -343,22 +343,30 @@ def align_training_arrays(
     return TrainingArrays(list(arrays.ids), images, particles, grid, segs), matrices
 
 
-def _distributed_context(device: str) -> tuple[int, int, Any]:
-    """(rank, world, barrier) under torchrun; the process group is shared with ``training.train``."""
+def _distributed_context(device: str) -> tuple[int, int, Any, Any]:
+    """(rank, world, barrier, release) under torchrun; the process group is shared with
+    ``training.train``. ``release`` destroys the group when this call created it (NCCL warns
+    about, and can hang on, groups left alive at exit)."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, lambda: None
+        return 0, 1, lambda: None, lambda: None
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         use_cuda = torch.cuda.is_available() and device != "cpu"
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist.get_rank(), world, dist.barrier
+
+    def release() -> None:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+    return dist.get_rank(), world, dist.barrier, release
 
 
 def train_model(
@@ -400,7 +408,7 @@ def train_model(
         raise InputError(f"--augment: expected a number ≥ 0, found {opts.augment}")
     if not 0.0 < opts.val_fraction < 0.9:
         raise InputError(f"validation fraction: expected a value in (0, 0.9), found {opts.val_fraction}")
-    rank, world, barrier = _distributed_context(opts.device)
+    rank, world, barrier, release_group = _distributed_context(opts.device)
 
     # -- geometry and arrays
     particles = np.stack([io.read_particles(s.particles) for s in train_subjects])
@@ -517,6 +525,7 @@ def train_model(
         "seconds_total": time.perf_counter() - t0,
     }
     if rank != 0:
+        release_group()
         return TrainOutcome(None, work, summary)
 
     bundle_sm = shape_model
@@ -544,6 +553,7 @@ def train_model(
         template_particles=template[1] if template else None,
         hyperparameters={"train_config": config.to_dict(), "options": _options_dict(opts)},
     )
+    release_group()
     return TrainOutcome(path, work, summary)
 
 

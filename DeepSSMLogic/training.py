@@ -262,13 +262,23 @@ class _Transformed(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        item = self.base[i]
+        return self._convert(self.base[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # let a base fetch the whole batch at once: online augmentation warps it in one TPS solve
+        fetch = getattr(self.base, "__getitems__", None)
+        items = fetch(indices) if fetch is not None else [self.base[i] for i in indices]
+        return [self._convert(item) for item in items]
+
+    def _convert(self, item: Any) -> tuple[torch.Tensor, torch.Tensor]:
         image, particles = item[0], item[1]
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu().numpy()
         if self.transform is not None:
             image = self.transform(np.asarray(image))
         image = torch.from_numpy(np.array(image, dtype=np.float32))
+        if isinstance(particles, torch.Tensor):  # online samples may live on the GPU
+            particles = particles.detach().cpu()
         particles = torch.as_tensor(np.asarray(particles, dtype=np.float32))
         return image, particles
 
@@ -774,9 +784,9 @@ def _train(
                 cancel.check()
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            for ds in (train_set,):
-                if hasattr(ds, "set_epoch"):
-                    ds.set_epoch(epoch)
+            if hasattr(train_set, "set_epoch"):
+                # run-wide epoch index: online augmentation draws fresh shapes in every epoch of every stage
+                train_set.set_epoch(sum(s.epochs for s in stages[:si]) + epoch)
             model.train()
             indices = _train_indices(len(train_data), config, si, epoch, dist)
             loss_sum, count = 0.0, 0

@@ -22,6 +22,8 @@ for _p in (REPO, REPO / "DeepSSMExtension"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+DEMO_MANIFEST = REPO / "Resources" / "SampleData" / "manifest.json"
+
 
 @dataclass
 class SceneContext:
@@ -231,22 +233,9 @@ class OffscreenThreeDView:
 
     def capture(self, path: Path) -> Path:
         """Render and write a PNG atomically."""
-        import vtk
+        from DeepSSMLogic.analysis.render import capture_png
 
-        from DeepSSMLogic.fileutil import atomic_path
-
-        self.window.Render()
-        grab = vtk.vtkWindowToImageFilter()
-        grab.SetInput(self.window)
-        grab.ReadFrontBufferOff()
-        grab.Update()
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            writer = vtk.vtkPNGWriter()
-            writer.SetFileName(str(tmp))
-            writer.SetInputConnection(grab.GetOutputPort())
-            writer.Write()
-        return path
+        return capture_png(self.window, path)
 
     def close(self) -> None:
         self.window.Finalize()
@@ -265,43 +254,52 @@ def render_result_png(path: Path, work_dir: Path, size=(960, 640)) -> Path:
         view.close()
 
 
-def render_demo_png(path: Path, work_dir: Path, size=(960, 640)) -> Path:
-    """Predict the shipped demo image with the demo bundle (the worker, CPU) and render the real
-    result: image slice, predicted particles, surface coloured by the error vs ground truth."""
+def predict_demo(out_dir: Path) -> tuple[int, list[dict[str, Any]], dict[str, Path]]:
+    """Run the worker's ``predict`` on the shipped demo (its real bundle, CPU, with the ground truth)
+    into ``out_dir``. Returns the exit code, the JSON-lines messages it wrote (the result or the error
+    last) and the demo files by role: "image", "ground_truth", "bundle"."""
     import io as _io
     import json
 
-    from DeepSSMLib import mrml, worker
+    from DeepSSMLib import worker
     from DeepSSMLib.bundles import verified_sample_file
 
-    from DeepSSMLogic import io
-
-    manifest = REPO / "Resources" / "SampleData" / "manifest.json"
-    image, truth, bundle = (verified_sample_file(r, manifest) for r in ("image", "ground_truth", "bundle"))
+    files = {role: verified_sample_file(role, DEMO_MANIFEST) for role in ("image", "ground_truth", "bundle")}
     stream = _io.StringIO()
     code = worker.main(
         [
             "predict",
             "--bundle",
-            str(bundle),
+            str(files["bundle"]),
             "--image",
-            str(image),
+            str(files["image"]),
             "--out",
-            str(work_dir),
+            str(out_dir),
             "--device",
             "cpu",
             "--ground-truth",
-            str(truth),
+            str(files["ground_truth"]),
         ],
         stream=stream,
     )
-    result = json.loads(stream.getvalue().splitlines()[-1])
+    return code, [json.loads(line) for line in stream.getvalue().splitlines()], files
+
+
+def render_demo_png(path: Path, work_dir: Path, size=(960, 640)) -> Path:
+    """Predict the shipped demo image with the demo bundle (the worker, CPU) and render the real
+    result: image slice, predicted particles, surface coloured by the error vs ground truth."""
+    from DeepSSMLib import mrml
+
+    from DeepSSMLogic import io
+
+    code, messages, files = predict_demo(work_dir)
+    result = messages[-1]
     if code != 0:
         raise RuntimeError(f"demo prediction failed: {result.get('message')}")
     ctx = make_scene()
     view = OffscreenThreeDView(ctx, size)
     try:
-        volume = mrml.add_volume_from_sitk(ctx.scene, io.read_image(image), "demo image")
+        volume = mrml.add_volume_from_sitk(ctx.scene, io.read_image(files["image"]), "demo image")
         nodes = mrml.show_prediction(ctx.scene, volume, result)
         nodes.particles.GetDisplayNode().SetGlyphScale(2.0)
         ras = mrml.lps_to_ras(io.read_particles(result["particles"]))
@@ -323,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     synthetic = "--synthetic" in args
     paths = [a for a in args if not a.startswith("--")]
     target = Path(paths[0]) if paths else REPO / "docs" / "screenshot.png"
-    demo = (REPO / "Resources" / "SampleData" / "manifest.json").is_file()
+    demo = DEMO_MANIFEST.is_file()
     with tempfile.TemporaryDirectory() as tmp:
         if demo and not synthetic:
             render_demo_png(target, Path(tmp))

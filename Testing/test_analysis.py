@@ -4,29 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from helpers_analysis import population, sphere_points
 
 from DeepSSMLogic.analysis import classifier, groups, severity, swim
 from DeepSSMLogic.errors import InputError
 from DeepSSMLogic.shape_model import ShapeModel
-
-
-def sphere_points(m=120, radius=10.0):
-    k = np.arange(m) + 0.5
-    phi = np.arccos(1 - 2 * k / m)
-    theta = np.pi * (1 + 5**0.5) * k
-    return radius * np.c_[np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)]
-
-
-def population(n, rng, bump=0.0, m=120):
-    """Ellipsoid-like shapes with 4 random smooth modes; ``bump`` raises an outward bump at +x."""
-    base = sphere_points(m)
-    u = base / np.linalg.norm(base, axis=1, keepdims=True)
-    modes = np.stack([u * u[:, [0]], u * u[:, [1]], u * u[:, [2]], u * (u[:, [0]] * u[:, [1]])])
-    coef = rng.normal(size=(n, 4)) * [1.0, 0.8, 0.6, 0.4]
-    shapes = base[None] + np.einsum("nk,kmi->nmi", coef, modes)
-    shapes = shapes + rng.normal(scale=0.05, size=shapes.shape)
-    b = np.atleast_1d(bump)[:, None, None] if np.ndim(bump) else bump
-    return shapes + b * np.exp(-((u[:, 0] - 1) ** 2) / 0.1)[None, :, None] * u[None]
 
 
 # -- severity --------------------------------------------------------------------------------------

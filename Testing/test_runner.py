@@ -296,32 +296,14 @@ def test_shipped_demo_manifest_matches_its_files():
 @pytest.mark.slow
 def test_worker_predicts_the_demo_with_the_real_bundle(tmp_path):
     """End to end without Slicer: the worker on the shipped demo (real bundle, real network)."""
-    from DeepSSMLib.bundles import verified_sample_file
+    from slicer_scene import DEMO_MANIFEST, predict_demo
 
     from DeepSSMLogic import io as dio
 
-    if not (REPO / "Resources" / "SampleData" / "manifest.json").is_file():
+    if not DEMO_MANIFEST.is_file():
         pytest.skip("demo not generated yet")
-    manifest = REPO / "Resources" / "SampleData" / "manifest.json"
-    image, truth, bundle = (verified_sample_file(r, manifest) for r in ("image", "ground_truth", "bundle"))
-    out = _io.StringIO()
-    code = worker.main(
-        [
-            "predict",
-            "--bundle",
-            str(bundle),
-            "--image",
-            str(image),
-            "--out",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--ground-truth",
-            str(truth),
-        ],
-        stream=out,
-    )
-    msgs = [json.loads(line) for line in out.getvalue().splitlines()]
+    code, msgs, files = predict_demo(tmp_path)
+    truth = files["ground_truth"]
     assert code == 0, msgs[-1]
     result = msgs[-1]
     assert result["type"] == "result" and result["kind"] == "prediction"

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import best_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,23 +54,6 @@ def subjects(n_particles: int, count: int = 2, seed: int = 1):
         )
         for i in range(count)
     ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def itk_warp(image: np.ndarray, grid, src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -191,13 +175,13 @@ def main() -> int:
             .max()
         )
         exact_img = warp_images(image, grid, src[None], tgt[None], coarse=1)
-        row["exact_s"] = time_call(
+        row["exact_s"] = best_time(
             partial(warp_images, image, grid, src[None], tgt[None], coarse=1),
-            max(1, args.repeats - 2),
             device,
+            max(1, args.repeats - 2),
         )
-        row["fast_s"] = time_call(
-            partial(warp_images, image, grid, src[None], tgt[None]), args.repeats, device
+        row["fast_s"] = best_time(
+            partial(warp_images, image, grid, src[None], tgt[None]), device, args.repeats
         )
         if n_land == 1024:
             half = fit_warp(src[None], tgt[None], landmarks=512, device=device)
@@ -207,7 +191,7 @@ def main() -> int:
             bsz = args.batch or 64
             imgs = image.expand(bsz, -1, -1, -1, -1).contiguous()
             s_b, t_b = np.repeat(src[None], bsz, 0), np.repeat(tgt[None], bsz, 0)
-            secs = time_call(partial(warp_images, imgs, grid, s_b, t_b), args.repeats, device)
+            secs = best_time(partial(warp_images, imgs, grid, s_b, t_b), device, args.repeats)
             row["gpu_volumes_per_s"] = bsz / secs
             row["gpu_batch"] = bsz
         if not args.no_itk and (n_land == 512 or args.itk_1024):

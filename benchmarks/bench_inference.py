@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from _common import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,10 +36,6 @@ from DeepSSMLogic.preprocess import IntensityNormalizer, resample_to_grid  # noq
 from DeepSSMLogic.shape_model import ShapeModel  # noqa: E402
 
 GRID_XYZ = (118, 69, 88)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def median_time(fn, repeats: int) -> float:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _common import best_time, peak_rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,27 +37,10 @@ def _net(device: torch.device, channels_last: bool) -> BaseDeepSSM:
     return net
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _time(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (allocator, cuDNN autotune, mkldnn primitives)
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return peak_rss_mb()
 
 
 def measure(
@@ -77,7 +59,7 @@ def measure(
             net(x1)
 
     net.eval()
-    fwd = _time(forward, device, repeats=5)
+    fwd = best_time(forward, device, repeats=5)
     # accuracy of this path vs fp32 on the same weights (particles, mm)
     with torch.no_grad():
         ref = _net(device, False).eval()(x1.contiguous())[1]
@@ -95,7 +77,7 @@ def measure(
         loss.backward()
         opt.step()
 
-    t_step = _time(step, device, repeats=steps)
+    t_step = best_time(step, device, repeats=steps)
     return {
         "forward_ms": fwd * 1e3,
         "step_ms": t_step * 1e3,

@@ -45,10 +45,14 @@ def trim_dimensions(descriptors: Any, labels: Any, k: int) -> np.ndarray:
     return np.argsort(-diff, kind="stable")[:k]
 
 
-def _xy(descriptors: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+def _features(descriptors: Any) -> np.ndarray:
+    """Descriptors as float64 ``(N, K)``; a 1-D input is one dimension ``(N, 1)``."""
     x = np.asarray(descriptors, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
+    return x[:, None] if x.ndim == 1 else x
+
+
+def _xy(descriptors: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    x = _features(descriptors)
     y = np.asarray(labels).ravel()
     if x.ndim != 2 or len(x) != len(y):
         raise InputError(f"classifier: descriptors (N, K) and labels (N,) disagree: {x.shape} vs {y.shape}")
@@ -60,7 +64,28 @@ def _xy(descriptors: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-class LogisticRegression:
+def _sigmoid(t: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+class _Standardised:
+    """Inputs standardised with the training mean/std (a constant dimension keeps std 1)."""
+
+    mu: np.ndarray
+    sd: np.ndarray
+
+    def _fit_standardise(self, x: np.ndarray) -> np.ndarray:
+        """Learn the mean/std of training ``x`` ``(N, K)`` and return ``x`` standardised."""
+        self.mu = x.mean(axis=0)
+        self.sd = x.std(axis=0)
+        self.sd[self.sd == 0] = 1.0
+        return (x - self.mu) / self.sd
+
+    def _standardise(self, x: Any) -> np.ndarray:
+        return (_features(x) - self.mu) / self.sd
+
+
+class LogisticRegression(_Standardised):
     """Binary logistic regression with an L2 penalty ``l2 · |w|²/2`` (intercept unpenalised), fitted
     by Newton's method; inputs are standardised with the training mean/std."""
 
@@ -70,16 +95,13 @@ class LogisticRegression:
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
         x, yb = _xy(x, y)
-        self.mu = x.mean(axis=0)
-        self.sd = x.std(axis=0)
-        self.sd[self.sd == 0] = 1.0
-        z = np.hstack([np.ones((len(x), 1)), (x - self.mu) / self.sd])
+        z = np.hstack([np.ones((len(x), 1)), self._fit_standardise(x)])
         t = yb.astype(np.float64)
         w = np.zeros(z.shape[1])
         pen = np.full(z.shape[1], self.l2)
         pen[0] = 1e-8
         for _ in range(self.max_iter):
-            p = 1.0 / (1.0 + np.exp(-(z @ w)))
+            p = _sigmoid(z @ w)
             grad = z.T @ (p - t) + pen * w
             hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(pen)
             step = np.linalg.solve(hess, grad)
@@ -90,14 +112,10 @@ class LogisticRegression:
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim == 1:
-            x = x[:, None]
-        z = (x - self.mu) / self.sd
-        return 1.0 / (1.0 + np.exp(-(self.w[0] + z @ self.w[1:])))
+        return _sigmoid(self.w[0] + self._standardise(x) @ self.w[1:])
 
 
-class MLPClassifier:
+class MLPClassifier(_Standardised):
     """One-hidden-layer (ReLU) MLP, full-batch Adam with decoupled weight decay, seeded (numpy;
     deterministic and free of thread-pool overheads for these tiny problems)."""
 
@@ -114,9 +132,7 @@ class MLPClassifier:
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> MLPClassifier:
         x, yb = _xy(x, y)
-        self.mu = x.mean(axis=0)
-        self.sd = x.std(axis=0)
-        self.sd[self.sd == 0] = 1.0
+        xs = self._fit_standardise(x)
         rng = np.random.default_rng(self.seed)
         d, h = x.shape[1], self.hidden
         params = [
@@ -127,7 +143,6 @@ class MLPClassifier:
         ]
         m = [np.zeros_like(p) for p in params]
         v = [np.zeros_like(p) for p in params]
-        xs = (x - self.mu) / self.sd
         t = yb.astype(np.float64)[:, None]
         b1, b2, eps = 0.9, 0.999, 1e-8
         n = len(xs)
@@ -135,7 +150,7 @@ class MLPClassifier:
             w1, c1, w2, c2 = params
             pre = xs @ w1 + c1
             hid = np.maximum(pre, 0.0)
-            prob = 1.0 / (1.0 + np.exp(-(hid @ w2 + c2)))
+            prob = _sigmoid(hid @ w2 + c2)
             g_out = (prob - t) / n  # d(mean BCE)/d(logit)
             g_hid = (g_out @ w2.T) * (pre > 0)
             grads = [xs.T @ g_hid, g_hid.sum(0), hid.T @ g_out, g_out.sum(0)]
@@ -151,12 +166,9 @@ class MLPClassifier:
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim == 1:
-            x = x[:, None]
         w1, c1, w2, c2 = self.params
-        hid = np.maximum(((x - self.mu) / self.sd) @ w1 + c1, 0.0)
-        return (1.0 / (1.0 + np.exp(-(hid @ w2 + c2))))[:, 0]
+        hid = np.maximum(self._standardise(x) @ w1 + c1, 0.0)
+        return _sigmoid(hid @ w2 + c2)[:, 0]
 
 
 @dataclass

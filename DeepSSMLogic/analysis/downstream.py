@@ -320,41 +320,32 @@ def analyze_cohort(
         }
         result["group_differences"].append(entry)
         if render:
-            verts, tris, vals = _on_surface(warper, mean_b, diff.signed)
-            figures.append(
+            # the two figures differ only in values, names and colour scale
+            signed_style: dict[str, Any] = {"cmap": "RdBu_r", "symmetric": True, "unit": "mm"}
+            p_style: dict[str, Any] = {
+                "cmap": "magma",
+                "value_range": (0.0, float(np.log10(n_permutations + 1))),
+                "unit": "-log10 p",
+            }
+            for values, stem, title, style, caption in (
                 (
-                    "Group differences",
-                    render_views(
-                        verts,
-                        tris,
-                        vals,
-                        fig_dir / f"group_difference_{_safe(other)}.png",
-                        f"{other} − {normal_group}: mean difference along the normal",
-                        cmap="RdBu_r",
-                        symmetric=True,
-                        unit="mm",
-                    ),
+                    diff.signed,
+                    "group_difference",
+                    f"{other} − {normal_group}: mean difference along the normal",
+                    signed_style,
                     f"Difference of group means ({other} minus {normal_group}) projected on the outward normals, on the {other} mean shape (paper Fig. 9).",
-                )
-            )
-            logp = -np.log10(perm.p_fdr)
-            verts, tris, vals = _on_surface(warper, mean_b, logp)
-            figures.append(
+                ),
                 (
-                    "Group differences",
-                    render_views(
-                        verts,
-                        tris,
-                        vals,
-                        fig_dir / f"group_pvalues_{_safe(other)}.png",
-                        f"{other} vs {normal_group}: −log10 p (FDR), {n_permutations} permutations",
-                        cmap="magma",
-                        value_range=(0.0, float(np.log10(n_permutations + 1))),
-                        unit="-log10 p",
-                    ),
+                    -np.log10(perm.p_fdr),
+                    "group_pvalues",
+                    f"{other} vs {normal_group}: −log10 p (FDR), {n_permutations} permutations",
+                    p_style,
                     f"Per-point permutation test; −log10 p > 1.3 means FDR-adjusted p < 0.05 ({entry['points_fdr_lt_0.05']} of {entry['n_points']} points).",
-                )
-            )
+                ),
+            ):
+                verts, tris, vals = _on_surface(warper, mean_b, values)
+                png = render_views(verts, tris, vals, fig_dir / f"{stem}_{_safe(other)}.png", title, **style)
+                figures.append(("Group differences", png, caption))
 
     # -- latent swim
     progress(ProgressEvent("analyze", 2, 4, "latent swim"))

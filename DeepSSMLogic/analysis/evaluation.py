@@ -389,48 +389,34 @@ def _write_report(
     key = "surface_mean_mm" if all("surface_mean_mm" in r.row for r in results) else "rmse_mm"
     order = np.argsort([r.row[key] for r in results])
     picks = [("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])]
+    value_range: tuple[float, float] | None
     if all(r.gt_mesh is not None for r in results):
-        vmax = max(float(results[i].gt_to_pred.max()) for _, i in picks)
-        panels = [
-            MeshView(
-                results[i].gt_mesh[0],
-                results[i].gt_mesh[1],
-                results[i].gt_to_pred,
-                f"{name}: {results[i].id}",
-            )
-            for name, i in picks
-        ]
-        rep.figure(
-            render_meshes(
-                panels,
-                fig_dir / "best_median_worst.png",
-                cmap="inferno",
-                value_range=(0.0, max(vmax, 1e-6)),
-                scalar_title="mm",
-                title=f"Surface distance, ground truth → reconstruction (ranked by {key})",
-            ),
-            "Each ground-truth mesh coloured by its distance to the mesh reconstructed from the predicted particles.",
-        )
+        shown = [(results[i].gt_mesh[0], results[i].gt_mesh[1], results[i].gt_to_pred) for _, i in picks]
+        value_range = (0.0, max(max(float(values.max()) for _, _, values in shown), 1e-6))
+        title = f"Surface distance, ground truth → reconstruction (ranked by {key})"
+        caption = "Each ground-truth mesh coloured by its distance to the mesh reconstructed from the predicted particles."
     else:
-        panels = [
-            MeshView(
-                results[i].gt,
-                None,
-                metrics.per_point_rmse(results[i].pred, results[i].gt),
-                f"{name}: {results[i].id}",
-            )
-            for name, i in picks
+        shown = [
+            (results[i].gt, None, metrics.per_point_rmse(results[i].pred, results[i].gt)) for _, i in picks
         ]
-        rep.figure(
-            render_meshes(
-                panels,
-                fig_dir / "best_median_worst.png",
-                cmap="inferno",
-                scalar_title="mm",
-                title="Per-point RMSE (no ground-truth meshes)",
-            ),
-            "Ground-truth particles coloured by per-point RMSE.",
-        )
+        value_range = None
+        title = "Per-point RMSE (no ground-truth meshes)"
+        caption = "Ground-truth particles coloured by per-point RMSE."
+    panels = [
+        MeshView(verts, tris, values, f"{name}: {results[i].id}")
+        for (name, i), (verts, tris, values) in zip(picks, shown, strict=True)
+    ]
+    rep.figure(
+        render_meshes(
+            panels,
+            fig_dir / "best_median_worst.png",
+            cmap="inferno",
+            value_range=value_range,
+            scalar_title="mm",
+            title=title,
+        ),
+        caption,
+    )
     rep.table(
         [
             {

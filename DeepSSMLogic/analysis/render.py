@@ -249,6 +249,16 @@ def render_meshes(
         text.SetPosition(10, 8)
         ren.AddViewProp(text)
         window.AddRenderer(ren)
+    target = capture_png(window, out_png)
+    window.Finalize()
+    return target
+
+
+def capture_png(window: Any, out_png: str | os.PathLike[str]) -> Path:
+    """Render ``window`` (an offscreen ``vtkRenderWindow``) and write its back buffer to ``out_png``
+    atomically; returns the path."""
+    import vtk
+
     window.Render()
     grab = vtk.vtkWindowToImageFilter()
     grab.SetInput(window)
@@ -260,7 +270,6 @@ def render_meshes(
         writer.SetFileName(str(tmp))
         writer.SetInputConnection(grab.GetOutputPort())
         writer.Write()
-    window.Finalize()
     return target
 
 

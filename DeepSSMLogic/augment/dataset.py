@@ -380,6 +380,10 @@ class OnlineAugmentedDataset(torch.utils.data.IterableDataset):
     warps the source images in batches of ``batch_size`` and yields ``(image (1, Z, Y, X) float32,
     particles (M, 3) float32 mm)`` on ``device``. ``transform`` maps a batch ``(B, 1, Z, Y, X)`` torch
     tensor (e.g. intensity normalisation on the GPU). Use with ``DataLoader(..., num_workers=0)``.
+
+    ``ds[i]`` (and ``ds.__getitems__(indices)``, which warps them as one batch) give sample ``i`` of
+    the current epoch without advancing it: the trainer indexes the set like a map-style one (so a
+    ``DistributedSampler`` can shard an epoch across ranks) and calls ``set_epoch`` every epoch.
     """
 
     def __init__(
@@ -416,6 +420,7 @@ class OnlineAugmentedDataset(torch.utils.data.IterableDataset):
         self.transform = transform
         self.coarse, self.band, self.landmarks = coarse, band, landmarks
         self.epoch = 0
+        self._draw_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -423,32 +428,49 @@ class OnlineAugmentedDataset(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
+    def draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shapes before any warp: targets ``(n, M, 3)`` float64 mm and source subject
+        indices ``(n,)`` int64; a pure function of ``(seed, epoch)`` (cached for the last epoch)."""
+        if self._draw_cache is None or self._draw_cache[0] != int(epoch):
+            rng = np.random.default_rng([self.seed, int(epoch)])
+            d = self.sampler.sample(self.samples_per_epoch, rng)
+            gen = np.asarray(self.shape_model.reconstruct(d.scores), dtype=np.float64)
+            self._draw_cache = (int(epoch), gen, np.asarray(d.source, dtype=np.int64))
+        return self._draw_cache[1], self._draw_cache[2]
+
+    def _warp(self, epoch: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``rows`` of ``epoch`` as one batch: ``(B, 1, Z, Y, X)`` and ``(B, M, 3)`` float32."""
+        gen, src = self.draw(epoch)
+        idx = src[rows]
+        spline = fit_warp(self.particles[idx], gen[rows], self.landmarks, device=self.device)
+        warped = warp_images(
+            self.images[torch.as_tensor(idx, device=self.device)][:, None],
+            self.grid,
+            None,
+            None,
+            coarse=self.coarse,
+            band=self.band,
+            spline=spline,
+        )
+        if self.transform is not None:
+            warped = self.transform(warped)
+        return warped, torch.as_tensor(gen[rows], dtype=torch.float32, device=self.device)
+
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's samples in batches: ``(B, 1, Z, Y, X)`` float32 and ``(B, M, 3)`` float32."""
-        rng = np.random.default_rng([self.seed, int(epoch)])
-        draw = self.sampler.sample(self.samples_per_epoch, rng)
-        gen = np.asarray(self.shape_model.reconstruct(draw.scores), dtype=np.float64)
-        src = np.asarray(draw.source, dtype=np.int64)
         for s in range(0, self.samples_per_epoch, self.batch_size):
-            idx = src[s : s + self.batch_size]
-            spline = fit_warp(
-                self.particles[idx], gen[s : s + self.batch_size], self.landmarks, device=self.device
-            )
-            warped = warp_images(
-                self.images[torch.as_tensor(idx, device=self.device)][:, None],
-                self.grid,
-                None,
-                None,
-                coarse=self.coarse,
-                band=self.band,
-                spline=spline,
-            )
-            if self.transform is not None:
-                warped = self.transform(warped)
-            yield (
-                warped,
-                torch.as_tensor(gen[s : s + self.batch_size], dtype=torch.float32, device=self.device),
-            )
+            yield self._warp(epoch, np.arange(s, min(s + self.batch_size, self.samples_per_epoch)))
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Samples ``indices`` of the current epoch (one batched warp); the epoch does not advance."""
+        rows = np.asarray(indices, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.samples_per_epoch):
+            raise IndexError(f"samples {indices} out of range for {self.samples_per_epoch} samples per epoch")
+        images, particles = self._warp(self.epoch, rows)
+        return [(images[i], particles[i]) for i in range(len(rows))]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([int(i)])[0]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch

@@ -148,10 +148,21 @@ class Sampler:
         raise NotImplementedError
 
     def sample(self, n: int, rng: np.random.Generator) -> SampleBatch:
+        """``n`` generated scores and their source subjects (see the module docstring)."""
+        z = self._require()
+        return self._draw(z, _check_n(n), _check_rng(rng))
+
+    def _draw(self, z: np.ndarray, n: int, rng: np.random.Generator) -> SampleBatch:
+        """Draw ``n`` samples; ``z`` is the fitted training scores ``(N, K)`` mm."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _sizes(self) -> dict[str, int]:
+        """The ``describe()`` fields every sampler has: training subjects and modes."""
+        z = self._require()
+        return {"n_train": int(z.shape[0]), "n_modes": int(z.shape[1])}
 
     def _set_metric(self, z: np.ndarray, reg: float) -> None:
         cov = np.atleast_2d(np.cov(z, rowvar=False))
@@ -222,21 +233,16 @@ class KDESampler(Sampler):
         self.noise_std = noise_std
         return self
 
-    def sample(self, n: int, rng: np.random.Generator) -> SampleBatch:
-        z = self._require()
-        n = _check_n(n)
-        rng = _check_rng(rng)
+    def _draw(self, z: np.ndarray, n: int, rng: np.random.Generator) -> SampleBatch:
         source = rng.integers(0, z.shape[0], size=n, dtype=np.int64)
         noise = rng.standard_normal((n, z.shape[1])) * self.noise_std
         return SampleBatch(z[source] + noise, source)
 
     def describe(self) -> dict[str, Any]:
-        z = self._require()
         return {
             "sampler": self.name,
             "kernel": self.kernel,
-            "n_train": int(z.shape[0]),
-            "n_modes": int(z.shape[1]),
+            **self._sizes(),
             "bandwidth_scale": self.bandwidth_scale,
             "sigma_mm": self.sigma,
             "noise_std_mm": [float(x) for x in self.noise_std],
@@ -266,19 +272,14 @@ class GaussianSampler(Sampler):
         self._set_metric(z, self.reg)
         return self
 
-    def sample(self, n: int, rng: np.random.Generator) -> SampleBatch:
-        self._require()
-        n = _check_n(n)
-        rng = _check_rng(rng)
+    def _draw(self, z: np.ndarray, n: int, rng: np.random.Generator) -> SampleBatch:
         scores = self.mean + rng.standard_normal((n, self.mean.size)) @ self._chol.T
         return SampleBatch(scores, self.nearest_source(scores))
 
     def describe(self) -> dict[str, Any]:
-        z = self._require()
         return {
             "sampler": self.name,
-            "n_train": int(z.shape[0]),
-            "n_modes": int(z.shape[1]),
+            **self._sizes(),
             "mean_mm": [float(x) for x in self.mean],
             "std_mm": [float(x) for x in np.sqrt(np.diag(self.cov))],
             "regularisation_mm2": self._eps,
@@ -427,10 +428,7 @@ class GMMSampler(Sampler):
         self._require()
         return int(self.weights.size)
 
-    def sample(self, n: int, rng: np.random.Generator) -> SampleBatch:
-        self._require()
-        n = _check_n(n)
-        rng = _check_rng(rng)
+    def _draw(self, z: np.ndarray, n: int, rng: np.random.Generator) -> SampleBatch:
         # Each sample draws its own component by weight (not the reference's grouped `[-1]`).
         comp = rng.choice(self.weights.size, size=n, p=self.weights / self.weights.sum())
         normals = rng.standard_normal((n, self.means.shape[1]))
@@ -438,11 +436,9 @@ class GMMSampler(Sampler):
         return SampleBatch(scores, self.nearest_source(scores))
 
     def describe(self) -> dict[str, Any]:
-        z = self._require()
         return {
             "sampler": self.name,
-            "n_train": int(z.shape[0]),
-            "n_modes": int(z.shape[1]),
+            **self._sizes(),
             "n_components": self.k,
             "weights": [float(w) for w in self.weights],
             "means_mm": [[float(v) for v in m] for m in self.means],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import add_device_option, progress_bars
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -49,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--classifier", choices=("logistic", "mlp"), default="logistic")
     parser.add_argument("--swim-steps", type=int, default=5, help="λ values in the latent swim (default 5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="with --model: auto (default), cpu, cuda")
+    add_device_option(parser, help="with --model: auto (default), cpu, cuda")
     parser.add_argument("--no-align", action="store_true", help="with --model: images are in the model frame")
     parser.add_argument("--no-figures", action="store_true", help="numbers only: no renders, no report.html")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -60,7 +62,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..analysis.downstream import analyze_cohort
     from ..errors import InputError
-    from .train import tqdm_progress
 
     if args.permutations < 1:
         raise InputError(f"--permutations: expected ≥ 1, found {args.permutations}")
@@ -69,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.swim_steps < 2:
         raise InputError(f"--swim-steps: expected ≥ 2, found {args.swim_steps}")
     severity_column = None if str(args.severity_column).lower() in ("", "none") else args.severity_column
-    report, close = tqdm_progress(disable=args.quiet)
-    try:
+    with progress_bars(disable=args.quiet) as report:
         result = analyze_cohort(
             args.cohort,
             args.out,
@@ -89,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
             render=not args.no_figures,
             progress=report,
         )
-    finally:
-        close()
     sev = result["severity"]
     line = f"severity AUC {sev['auc']:.3f}"
     if "pearson" in sev:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import add_device_option, progress_bars
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -30,7 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, required=True, help="number of augmented samples")
     parser.add_argument("--out", required=True, help="output directory (resumed if it holds a partial set)")
     parser.add_argument("--sampler", choices=("kde", "gaussian", "gmm"), default="kde", help="default kde")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_device_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--spacing", type=float, help="reference grid spacing in mm (default: the images')")
     parser.add_argument("--margin", type=float, default=10.0, help="grid margin around the particles, mm")
@@ -60,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..pipeline import prepare_training_arrays, reference_grid
     from ..shape_model import ShapeModel
-    from .train import tqdm_progress
 
     if args.n < 1:
         raise InputError(f"--n: expected a positive number of samples, found {args.n}")
@@ -70,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             f"{args.cohort}: augmentation needs at least 2 training subjects, found {len(subjects)}"
         )
-    report, close = tqdm_progress(disable=args.quiet)
-    try:
+    with progress_bars(disable=args.quiet) as report:
         particles = np.stack([io.read_particles(s.particles) for s in subjects])
         spacing = args.spacing
         if spacing is None:
@@ -98,8 +98,6 @@ def run(args: argparse.Namespace) -> int:
             landmarks=args.landmarks,
             export_nrrd=args.export_nrrd,
         )
-    finally:
-        close()
     summary = quality_report(real_scores, np.load(out / "scores.npy"), out, shape_model)
     print(f"wrote {args.n} augmented samples of {len(subjects)} training subjects to {out}")
     total = summary.get("variance_ratio_summary", {}).get("total")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..progress import ProgressCallback, null_progress
+from . import add_device_option, progress_bars
 
 
 @dataclass
@@ -147,7 +148,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="override the demo's training epochs")
     parser.add_argument("--augment", type=int, help="override the number of augmented samples")
-    parser.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
+    add_device_option(parser, default="cpu", help="cpu (default), auto or cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     return parser
@@ -157,7 +158,6 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..fileutil import atomic_write_json
     from ..synthetic import FAMILIES
-    from .train import tqdm_progress
 
     if args.family not in FAMILIES:
         raise InputError(f"--family: unknown family {args.family!r}; expected one of {', '.join(FAMILIES)}")
@@ -168,12 +168,9 @@ def run(args: argparse.Namespace) -> int:
         settings.augment = args.augment
     if args.out.exists() and any(args.out.iterdir()) and not (args.out / "cohort" / "cohort.csv").exists():
         raise InputError(f"{args.out}: exists and is not a previous demo output; choose another --out")
-    report, close = tqdm_progress(disable=args.quiet)
     t0 = time.perf_counter()
-    try:
+    with progress_bars(disable=args.quiet) as report:
         result = run_demo(args.out, settings, report)
-    finally:
-        close()
     total = time.perf_counter() - t0
     s = result.train_summary
     print(

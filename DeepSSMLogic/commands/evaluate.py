@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import add_device_option, progress_bars
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -32,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("train", "val", "test"),
         help="split(s) to evaluate (repeatable; default: test)",
     )
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_device_option(parser)
     parser.add_argument(
         "--no-align",
         action="store_true",
@@ -49,10 +51,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.evaluation import evaluate_model
-    from .train import tqdm_progress
 
-    report, close = tqdm_progress(disable=args.quiet)
-    try:
+    with progress_bars(disable=args.quiet) as report:
         summary = evaluate_model(
             args.model,
             args.cohort,
@@ -64,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
             render=not args.no_figures,
             progress=report,
         )
-    finally:
-        close()
     line = f"{summary['n_subjects']} subject(s): RMSE {summary['rmse_mm']['mean']:.3f} ± {summary['rmse_mm']['std']:.3f} mm"
     if "surface_mean_mm" in summary:
         line += f", surface distance {summary['surface_mean_mm']['mean']:.3f} mm"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from . import add_device_option, progress_bars
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--similarity", action="store_true", help="allow isotropic scaling in the alignment (default rigid)"
     )
     parser.add_argument("--mesh", action="store_true", help="also write <stem>.vtk meshes")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_device_option(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-image lines")
     parser.set_defaults(run=run)
@@ -53,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
     from .. import io
     from ..fileutil import atomic_write_json
     from ..predict import Predictor, RegistrationSettings
-    from .train import tqdm_progress
 
     stems = [output_stem(p) for p in args.images]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
@@ -80,11 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report, close = tqdm_progress(disable=args.quiet)
-    try:
+    with progress_bars(disable=args.quiet) as report:
         predictions = predictor.predict_many(args.images, batch_size=args.batch_size, progress=report)
-    finally:
-        close()
     for stem, pred in zip(stems, predictions, strict=True):
         io.write_particles(out / f"{stem}.particles", pred.particles)
         doc = pred.to_dict()

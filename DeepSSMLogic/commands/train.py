@@ -8,40 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
-from ..progress import ProgressCallback, ProgressEvent
-
-
-def tqdm_progress(disable: bool = False) -> tuple[ProgressCallback, Any]:
-    """A progress callback drawing one tqdm bar per stage; returns ``(callback, close)``."""
-    from tqdm import tqdm
-
-    state: dict[str, Any] = {"stage": None, "bar": None}
-
-    def close() -> None:
-        if state["bar"] is not None:
-            state["bar"].close()
-            state["bar"] = None
-
-    def report(event: ProgressEvent) -> None:
-        if disable:
-            return
-        if event.stage != state["stage"] or state["bar"] is None or state["bar"].total != event.total:
-            close()
-            state["stage"] = event.stage
-            state["bar"] = tqdm(total=event.total, desc=event.stage, unit="", leave=False, file=sys.stderr)
-        bar = state["bar"]
-        bar.n = event.done
-        if event.metrics:
-            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.metrics.items()}
-            bar.set_postfix(shown, refresh=False)
-        elif event.message:
-            bar.set_postfix_str(event.message[:40], refresh=False)
-        bar.refresh()
-
-    return report, close
+from . import add_device_option, progress_bars
+from . import tqdm_progress as tqdm_progress  # re-exported: it lived here before commands/__init__
 
 
 def _is_rank0() -> bool:
@@ -89,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--epochs", type=int, default=100, help="training epochs (Base; TL: see --extra)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_device_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its checkpoint"
@@ -155,11 +125,8 @@ def run(args: argparse.Namespace) -> int:
         n_modes=args.n_modes,
         extra=extra,
     )
-    report, close = tqdm_progress(disable=args.quiet or not _is_rank0())
-    try:
+    with progress_bars(disable=args.quiet or not _is_rank0()) as report:
         outcome = train_model(args.cohort, args.out, options, report, work_dir=args.work_dir)
-    finally:
-        close()
     if outcome.bundle is not None:
         s = outcome.summary
         print(
