@@ -328,11 +328,12 @@ def align_training_arrays(
     particles = np.empty_like(arrays.particles)
     segs = None if arrays.segmentations is None else np.empty_like(arrays.segmentations)
     matrices = np.empty((n, 4, 4))
+    mean_shape = arrays.particles.mean(axis=0)  # the predictor passes the bundle's mean shape likewise
     for i, s in enumerate(subjects):
         if cancel is not None:
             cancel.check()
         image = io.read_image(_subject_field(s, "image"))
-        al = register_to_reference(image, reference, settings)
+        al = register_to_reference(image, reference, settings, mean_shape)
         matrices[i] = al.matrix
         images[i] = resample_to_grid(image, grid, transform=al.transform)
         particles[i] = apply_matrix(np.linalg.inv(al.matrix), arrays.particles[i])

@@ -1,8 +1,9 @@
 """Bundle + image → particles in the INPUT image's physical space (LPS mm) and a shape descriptor.
 
 Steps per image: validate → align to the model frame (rigid or similarity registration of the
-input onto the bundle's reference image, in memory, multi-resolution, no clamp on translation;
-skippable with ``align=False``) → resample onto the reference grid through that transform →
+input onto the bundle's reference image, in memory, multi-resolution, no clamp on translation; the
+metric compares high-passed intensities in a band around the bundle's mean shape; skippable with
+``align=False``) → resample onto the reference grid through that transform →
 normalise with the TRAINING normaliser stored in the bundle → forward → map the particles back
 through the transform.
 
@@ -127,6 +128,37 @@ def _foreground_centroid(image: Any) -> np.ndarray | None:
     return grid.index_to_physical(idx[:, ::-1].astype(np.float64).mean(axis=0))
 
 
+def _highpass(image: Any, sigma_mm: float) -> Any:
+    """``image`` minus its Gaussian blur (σ mm): drops smooth intensity bias, keeps the edges."""
+    import SimpleITK as sitk
+
+    return image - sitk.SmoothingRecursiveGaussian(image, sigma_mm)
+
+
+def anatomy_mask(points: np.ndarray, reference: Any, margin_mm: float) -> Any:
+    """uint8 mask on ``reference``'s grid of the voxels whose centre lies within ``margin_mm`` of
+    ``points`` ``(M, 3)`` (mm, LPS; the model's mean shape): the band around the anatomy's surface,
+    where its edges are, without neighbouring structures and most of the background."""
+    import SimpleITK as sitk
+    from scipy.spatial import cKDTree
+
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3 or not np.all(np.isfinite(pts)):
+        raise InputError(f"anatomy mask: points must be finite (M, 3) mm, found shape {pts.shape}")
+    grid = Grid.from_sitk(reference)
+    # distances in index space scaled by the spacing equal physical ones (the direction is a rotation)
+    sp = np.asarray(grid.spacing, dtype=np.float64)
+    tree = cKDTree(grid.physical_to_index(pts) * sp)
+    xyz = np.indices(grid.size, dtype=np.float64).reshape(3, -1).T * sp
+    dist, _ = tree.query(xyz, k=1, distance_upper_bound=margin_mm * (1 + 1e-9))
+    inside = (dist <= margin_mm).reshape(grid.size).transpose(2, 1, 0)  # (X, Y, Z) → (Z, Y, X)
+    if not inside.any():
+        raise InputError("anatomy mask: the mean shape does not lie on the reference grid")
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+    mask.CopyInformation(reference)
+    return mask
+
+
 def _crop_to_reach(moving: Any, fixed_grid: Grid, transform: Any, margin_mm: float) -> Any:
     """``moving`` cropped to the box that ``transform`` maps the fixed grid to, plus ``margin_mm``."""
     import SimpleITK as sitk
@@ -163,14 +195,27 @@ class RegistrationSettings:
     max_voxels: int = 60_000  # larger references are block-averaged to about this size
     crop_margin_mm: float = 25.0  # input kept around the reference's reach (translation search room)
     seed: int = 7
+    # both images minus their Gaussian blur of this σ (mm) before the metric: a smooth intensity bias
+    # (MR/CT shading) otherwise pulls the pose by millimetres; None: raw intensities
+    highpass_mm: float | None = 6.0
+    # the metric only sees voxels within this distance (mm) of the model's mean shape when the caller
+    # passes the mean shape (Predictor does): neighbouring structures and background are ignored
+    anatomy_margin_mm: float | None = 6.0
 
 
-def register_to_reference(moving: Any, fixed: Any, settings: RegistrationSettings | None = None) -> Alignment:
+def register_to_reference(
+    moving: Any,
+    fixed: Any,
+    settings: RegistrationSettings | None = None,
+    anatomy: np.ndarray | None = None,
+) -> Alignment:
     """Register ``moving`` (the input) onto ``fixed`` (the bundle's reference image).
 
     Initial pose: the better (by the metric on the coarsest level) of the identity (data already
     in the model frame) and a translation matching Otsu-foreground centroids (moments; handles
-    any offset, there is no clamp). Returns the fixed→moving transform as an :class:`Alignment`.
+    any offset, there is no clamp). ``anatomy``: the model's mean shape ``(M, 3)`` (mm, LPS, the
+    fixed image's frame); with ``settings.anatomy_margin_mm`` the metric is restricted to the band
+    around it (see :func:`anatomy_mask`). Returns the fixed→moving transform as an :class:`Alignment`.
     """
     import SimpleITK as sitk
 
@@ -187,6 +232,9 @@ def register_to_reference(moving: Any, fixed: Any, settings: RegistrationSetting
         # interpolation) and ITK's per-iteration cost scales with the fixed image
         f = int(np.ceil((n_voxels / s.max_voxels) ** (1.0 / 3.0)))
         fixed = sitk.BinShrink(fixed, [f] * 3)
+    fixed_mask = None
+    if anatomy is not None and s.anatomy_margin_mm is not None:
+        fixed_mask = anatomy_mask(anatomy, fixed, s.anatomy_margin_mm)
 
     def make_tx(centre: np.ndarray, translation: np.ndarray) -> Any:
         tx = sitk.Euler3DTransform() if s.transform == "rigid" else sitk.Similarity3DTransform()
@@ -199,7 +247,7 @@ def register_to_reference(moving: Any, fixed: Any, settings: RegistrationSetting
     def fraction(shrink: int) -> float:
         return min(1.0, s.max_samples / max(1.0, n_fixed / shrink**3))
 
-    def method(shrinks: Sequence[int]) -> Any:
+    def method(shrinks: Sequence[int], masked: bool = True) -> Any:
         r = sitk.ImageRegistrationMethod()
         if s.metric == "correlation":
             r.SetMetricAsCorrelation()
@@ -211,6 +259,8 @@ def register_to_reference(moving: Any, fixed: Any, settings: RegistrationSetting
             r.SetMetricSamplingStrategy(r.REGULAR)
             r.SetMetricSamplingPercentagePerLevel(fractions, s.seed)
         r.SetInterpolator(sitk.sitkLinear)
+        if masked and fixed_mask is not None:
+            r.SetMetricFixedMask(fixed_mask)
         return r
 
     fixed_grid = Grid.from_sitk(fixed)
@@ -235,7 +285,8 @@ def register_to_reference(moving: Any, fixed: Any, settings: RegistrationSetting
     moving_c = sitk.Shrink(moving, [coarse] * 3) if coarse > 1 else moving
     scores: dict[str, float] = {}
     for name, tx in candidates.items():
-        r = method([coarse])
+        # unmasked: far from the fit, the few band samples inside the input can score spuriously well
+        r = method([coarse], masked=False)
         r.SetInitialTransform(tx, inPlace=False)
         try:
             scores[name] = float(r.MetricEvaluate(fixed_c, moving_c))
@@ -255,6 +306,8 @@ def register_to_reference(moving: Any, fixed: Any, settings: RegistrationSetting
     factors = [max(1, int(target // sp)) for sp in moving.GetSpacing()]
     if max(factors) > 1:
         moving = sitk.BinShrink(moving, factors)
+    if s.highpass_mm is not None:
+        fixed, moving = (_highpass(im, s.highpass_mm) for im in (fixed, moving))
     r = method(shrinks)
     r.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0,
@@ -461,7 +514,7 @@ class Predictor:
         if not self.align:
             eye = np.eye(4)
             return Alignment(eye, matrix_to_transform(eye), "none")
-        return register_to_reference(img, self._reference, self.registration)
+        return register_to_reference(img, self._reference, self.registration, self.bundle.mean_particles)
 
     def prepare(
         self, image: Any, name: str | None = None

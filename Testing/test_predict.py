@@ -12,7 +12,7 @@ from helpers_predict import make_tiny_bundle, phantom_image, rigid
 from DeepSSMLogic import io
 from DeepSSMLogic.bundle import load_bundle
 from DeepSSMLogic.errors import InputError
-from DeepSSMLogic.predict import Predictor, apply_matrix, resolve_device, run_batched
+from DeepSSMLogic.predict import Predictor, anatomy_mask, apply_matrix, resolve_device, run_batched
 from DeepSSMLogic.preprocess import IntensityNormalizer, resample_to_grid
 
 
@@ -231,3 +231,54 @@ def test_resolve_device():
             resolve_device("cuda")
     with pytest.raises(InputError, match="unknown device"):
         resolve_device("tpu-9")
+
+
+# -- registration precision -----------------------------------------------------------------------
+def test_anatomy_mask_is_the_band_around_the_points():
+    ref = sitk.Image([20, 20, 20], sitk.sitkFloat32)
+    ref.SetSpacing((2.0, 2.0, 2.0))
+    ref.SetOrigin((-19.0, -19.0, -19.0))
+    points = np.array([[0.0, 0.0, 0.0], [8.0, 0.0, 0.0]])
+    mask = sitk.GetArrayFromImage(anatomy_mask(points, ref, 5.0)).astype(bool)  # (Z, Y, X)
+    idx = np.argwhere(np.ones_like(mask))[:, ::-1]
+    centres = np.asarray(ref.GetOrigin()) + 2.0 * idx
+    dist = np.linalg.norm(centres[:, None] - points[None], axis=-1).min(axis=1)
+    assert np.array_equal(mask.ravel(), dist <= 5.0) and 0 < mask.sum() < mask.size
+    with pytest.raises(InputError, match="does not lie on the reference grid"):
+        anatomy_mask(points + 500.0, ref, 5.0)
+
+
+def _femur_case(seed: int, jitter: bool) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """A 64³ @ 1.5 mm synthetic femur: (image, its particles (M, 3) mm, its pose 4x4)."""
+    from DeepSSMLogic import synthetic
+    from DeepSSMLogic.preprocess import image_from_array
+
+    s = synthetic.make_subject("femur", np.random.default_rng(seed), n_particles=256, pose_jitter=jitter)
+    return image_from_array(s.image, s.grid), s.particles, s.pose
+
+
+def test_registration_of_aligned_and_jittered_femurs_is_submillimetre():
+    """The femur's neighbouring bone (a distractor at a random offset) pulls a whole-image fit; with
+    the mean-shape band and the high-pass the particles move less (measured: mean/max 0.41/0.83 mm
+    vs 0.55/1.41 mm before, 8-subject mean reference on the 64³ grid; the benchmark's 14-subject
+    reference on the particle-bounded grid gives 0.28 mm)."""
+    from dataclasses import replace
+
+    from DeepSSMLogic.predict import RegistrationSettings, register_to_reference
+
+    train = [_femur_case(100 + i, False) for i in range(8)]
+    ref = sitk.GetImageFromArray(np.mean([sitk.GetArrayFromImage(t[0]) for t in train], axis=0))
+    ref.CopyInformation(train[0][0])
+    mean_shape = np.mean([t[1] for t in train], axis=0)
+    new = RegistrationSettings()
+    old = replace(new, highpass_mm=None, anatomy_margin_mm=None)
+    err_new, err_old = [], []
+    for seed, jitter in ((200, False), (201, False), (202, True), (203, True)):
+        image, particles, pose = _femur_case(seed, jitter)
+        unposed = apply_matrix(np.linalg.inv(pose), particles)
+        for settings, errs in ((new, err_new), (old, err_old)):
+            m = register_to_reference(image, ref, settings, mean_shape).matrix
+            errs.append(np.linalg.norm(apply_matrix(m, unposed) - particles, axis=1))
+    e_new, e_old = np.stack(err_new), np.stack(err_old)
+    assert e_new.mean() <= 0.5 and e_new.max() <= 1.0, (e_new.mean(), e_new.max())
+    assert e_old.mean() >= 1.2 * e_new.mean(), (e_old.mean(), e_new.mean())
