@@ -340,17 +340,30 @@ def _cranium_surface(u: np.ndarray, p: dict[str, float]) -> np.ndarray:
     dx, dy, dz = u.T
     r = 1.0 / np.sqrt(((u / _CRANIUM_AXES) ** 2).sum(axis=1))
     r *= 1.0 - 0.12 * _smoothstep((-dz - 0.35) / 0.5)  # flatter skull base
+    # Shape modes only: no degree-1 terms (dy, dz), which to first order just translate the skull,
+    # i.e. pose that neither Procrustes nor image registration can tell apart from shape.
     basis = np.stack(
-        [dy, dz, dx * dy, dy * dz, dx * dz, dx * dx - dy * dy, 3 * dz * dz - 1, dx * dx - dz * dz], axis=1
+        [
+            dy * (5 * dz * dz - 1),
+            3 * dx * dy * dz,
+            dx * dy,
+            dy * dz,
+            dx * dz,
+            dx * dx - dy * dy,
+            3 * dz * dz - 1,
+            dx * dx - dz * dz,
+        ],
+        axis=1,
     )
     coeffs = np.array([p[f"mode{k}"] for k in range(len(_CRANIUM_MODE_SD))])
     r *= 1.0 + basis @ coeffs
     s = p["severity"]
     frontal = _smoothstep((-dy - 0.1) / 0.6)
-    keel = np.exp(-((dx / 0.13) ** 2)) * frontal * _smoothstep((dz + 0.25) / 0.5)
+    # trigonocephaly: a midline keel ~13 deg wide, bitemporal narrowing, compensatory posterior growth
+    keel = np.exp(-((dx / 0.22) ** 2)) * frontal * _smoothstep((dz + 0.25) / 0.5)
     lateral = np.clip(dx * dx / 0.45, 0.0, 1.0)
     posterior = _smoothstep((dy + 0.1) / 0.8) * (1.0 - 0.5 * dz * dz)
-    r *= 1.0 + s * (0.10 * keel - 0.15 * frontal * lateral + 0.07 * posterior)
+    r *= 1.0 + s * (0.12 * keel - 0.20 * frontal * lateral + 0.07 * posterior)
     return u * (p["size"] * r)[:, None]
 
 
