@@ -197,3 +197,25 @@ def test_severity_from_predicted_particles_on_cranium(cranium_model, tmp_path):
     assert sev["protocol"].startswith("PPCA fitted on the normal subjects of the train/val splits")
     assert sev["auc"] >= 0.9, sev
     assert sev["pearson"] >= 0.8, sev
+
+
+@pytest.mark.slow
+def test_cranium_model_beats_half_the_mean_shape(cranium_model):
+    """Held-out RMSE (eq. 12) of the severity test's cranium model ≤ 0.5 × predicting the training
+    mean shape (measured 0.28 vs 0.75 mm). The demo settings (20 epochs, batch 8) reach only 0.69 on
+    this family; see Testing/test_accuracy.py."""
+    from DeepSSMLogic import io
+    from DeepSSMLogic.analysis.metrics import rmse
+    from DeepSSMLogic.cohort import load_cohort
+    from DeepSSMLogic.predict import Predictor
+
+    cohort_csv, model = cranium_model
+    cohort = load_cohort(cohort_csv)
+    mean_shape = np.mean([io.read_particles(s.particles) for s in cohort.by_split("train")], axis=0)
+    test = cohort.by_split("test")
+    predictor = Predictor(model, device="cpu", align=False)
+    predicted = predictor.predict_many([s.image for s in test])
+    truth = [io.read_particles(s.particles) for s in test]
+    heldout = float(np.mean([rmse(p.particles, t) for p, t in zip(predicted, truth, strict=True)]))
+    baseline = float(np.mean([rmse(mean_shape, t) for t in truth]))
+    assert heldout <= 0.5 * baseline, f"held-out {heldout:.3f} mm vs mean-shape {baseline:.3f} mm"
