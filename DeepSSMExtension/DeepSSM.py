@@ -255,6 +255,8 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.inputVolume = volume
             self._parameterNode.groundTruth = groundTruth
             self._parameterNode.bundlePath = Path(bundle)
+            # the demo image comes from the bundle's own synthetic cohort: already in the model frame
+            self._parameterNode.alreadyAligned = True
             slicer.util.setSliceViewerLayers(background=volume, fit=True)
 
     # -- training -------------------------------------------------------------------------------

@@ -279,6 +279,7 @@ def predict_demo(out_dir: Path) -> tuple[int, list[dict[str, Any]], dict[str, Pa
             "cpu",
             "--ground-truth",
             str(files["ground_truth"]),
+            "--aligned",  # the demo image is in the model frame, as the module's "Load demo" declares
         ],
         stream=stream,
     )

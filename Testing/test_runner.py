@@ -309,7 +309,9 @@ def test_worker_predicts_the_demo_with_the_real_bundle(tmp_path):
     assert result["type"] == "result" and result["kind"] == "prediction"
     pred = dio.read_particles(result["particles"])
     assert pred.shape == dio.read_particles(truth).shape
-    assert result["stats"]["rmse_mm"] < 5.0
+    # RMS point distance; the shipped bundle measured 0.154 mm on its held-out demo image (the mean
+    # shape: about 0.23 mm; eq. 12 values 0.08 vs 0.135 mm)
+    assert result["stats"]["rmse_mm"] < 0.2
     assert len(result["point_arrays"]["error_mm"]) == len(pred)
     if result["mesh"]:
         mesh = dio.read_mesh(result["mesh"])

@@ -468,6 +468,7 @@ def show_scalar_heatmap(
         raise InputError(f"could not create a colour legend for {model_node.GetName()!r}")
     legend.SetTitleText(title or array_name)
     legend.SetSize(0.12, 0.45)  # fraction of the view: readable without covering the anatomy
+    legend.SetLabelFormat("%.3g")  # the default %.1f repeats labels on sub-millimetre ranges
     legend.SetVisibility(True)
     return legend
 
