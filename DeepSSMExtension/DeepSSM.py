@@ -11,11 +11,8 @@ other requirements through ``slicer.packaging.pip_ensure``, both when the user f
 """
 
 import importlib.util
-import os
 import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -24,10 +21,10 @@ import slicer
 import vtk
 
 # DeepSSMLib puts DeepSSMLogic on sys.path (source tree and packaged layouts).
-from DeepSSMLib import analysis as dsa
 from DeepSSMLib import install, mrml
-from DeepSSMLib.bundles import RecentBundles, read_manifest, verified_sample_file
-from DeepSSMLib.runner import BackgroundRunner, RunOutcome, RunState, worker_command, worker_environment
+from DeepSSMLib.bundles import read_manifest
+from DeepSSMLib.controller import DeepSSMController, resolve_bundle_path
+from DeepSSMLib.runner import BackgroundRunner, RunOutcome, RunState
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -68,6 +65,11 @@ class DeepSSM(ScriptedLoadableModule):
             "Implements DeepSSM (Bhalodia et al., 'DeepSSM: A Blueprint for Image-to-Shape Deep Learning "
             "Models', Medical Image Analysis 2024)."
         )
+        # The base class looks only in <module dir>/Resources/Icons; from the source tree (the
+        # README's install) Resources/ sits one level up, so point at wherever it is.
+        icon = install.module_icon_path()
+        if icon is not None:
+            self.parent.icon = qt.QIcon(str(icon))
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
@@ -137,6 +139,9 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = None
+        # progress widgets of the running task; None until a task is being started
+        self._bar = None
+        self._label = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -164,6 +169,11 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.groupDifferenceButton.connect("clicked(bool)", self.onGroupDifference)
         self.ui.swimSlider.connect("valueChanged(double)", self.onSwim)
         self.ui.severityButton.connect("clicked(bool)", self.onSeverity)
+        self.ui.bundleFolderButton.connect("clicked(bool)", self.onBundleFolder)
+        self.ui.showShapeModelButton.connect("clicked(bool)", self.onShowShapeModel)
+        self._modeSliders = [self.ui.mode1Slider, self.ui.mode2Slider, self.ui.mode3Slider]
+        for slider in self._modeSliders:
+            slider.connect("valueChanged(double)", self.onModeSlider)
         self.ui.stopButton.enabled = False
         self.ui.logTextEdit.setMaximumBlockCount(5000)
         self.refreshRecentBundles()
@@ -209,8 +219,25 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
+    def _blankEmptyPaths(self) -> None:
+        """An unset Path parameter reads back as "." and the connector shows it; show "" instead."""
+        for widget in (
+            self.ui.bundlePathLineEdit,
+            self.ui.cohortPathLineEdit,
+            self.ui.outputBundlePathLineEdit,
+            self.ui.groupAPathLineEdit,
+            self.ui.groupBPathLineEdit,
+            self.ui.normalGroupPathLineEdit,
+            self.ui.subjectsPathLineEdit,
+        ):
+            if widget.currentPath == ".":
+                wasBlocked = widget.blockSignals(True)
+                widget.currentPath = ""
+                widget.blockSignals(wasBlocked)
+
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
+        self._blankEmptyPaths()
         running = self.logic.runner.running
         if running:
             self.ui.applyButton.text = _("Cancel")
@@ -222,6 +249,7 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             bool(p and _path(p.cohortPath) and _path(p.outputBundlePath)) and not running
         )
         self.ui.stopButton.enabled = running and self.logic.task == "train"
+        self.ui.showShapeModelButton.enabled = bool(p and _path(p.bundlePath))
 
     def updateGpuLabel(self) -> None:
         names = install.gpu_names()
@@ -231,6 +259,15 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.recentBundlesComboBox.clear()
         for path in self.logic.recentBundles.items():
             self.ui.recentBundlesComboBox.addItem(Path(path).name, path)
+
+    def onBundleFolder(self) -> None:
+        """Pick a bundle folder (the path field's file dialog cannot select folders)."""
+        start = _path(self._parameterNode.bundlePath) if self._parameterNode else ""
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Select a DeepSSM model bundle folder"), start
+        )
+        if folder and self._parameterNode:
+            self._parameterNode.bundlePath = Path(folder)
 
     def onRecentBundle(self, index: int) -> None:
         path = self.ui.recentBundlesComboBox.itemData(index)
@@ -244,10 +281,12 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the DeepSSM prediction."), waitCursor=True):
+            # set before starting: a process that fails to start reports to onFinished at once
+            self._bar, self._label = self.ui.inferenceProgressBar, self.ui.inferenceStatusLabel
             self.logic.startPrediction(
                 p.inputVolume, _path(p.bundlePath), p.device, p.alreadyAligned, groundTruth=p.groundTruth
             )
-            self._started(self.ui.inferenceProgressBar, self.ui.inferenceStatusLabel)
+            self._started()
 
     def onLoadDemo(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to load the demo data."), waitCursor=True):
@@ -264,6 +303,7 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
             self.ui.logTextEdit.clear()
+            self._bar, self._label = self.ui.trainingProgressBar, self.ui.trainingStatusLabel
             chart = self.logic.startTraining(
                 _path(p.cohortPath),
                 _path(p.outputBundlePath),
@@ -277,17 +317,16 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.onlineAugmentation,
             )
             slicer.modules.plots.logic().ShowChartInLayout(chart)
-            self._started(self.ui.trainingProgressBar, self.ui.trainingStatusLabel)
+            self._started()
 
     def onStopButton(self) -> None:
         self.logic.runner.cancel()
 
     # -- background progress --------------------------------------------------------------------
-    def _started(self, bar, label) -> None:
-        self._bar, self._label = bar, label
-        bar.value = 0
-        bar.visible = True
-        label.text = _("Starting…")
+    def _started(self) -> None:
+        self._bar.value = 0
+        self._bar.visible = True
+        self._label.text = _("Starting…")
         self._timer.start()
         self._checkCanApply()
 
@@ -302,11 +341,13 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         text += _("elapsed {0:.0f} s").format(elapsed)
         if eta is not None:
             text += _(", about {0:.0f} s left").format(eta)
-        self._label.text = text
+        if self._label is not None:
+            self._label.text = text
 
     def onProgress(self, event) -> None:
-        self._bar.maximum = max(event.total, 1)
-        self._bar.value = event.done
+        if self._bar is not None:
+            self._bar.maximum = max(event.total, 1)
+            self._bar.value = event.done
         self.logic.onProgressMetrics(event)
 
     def onLog(self, line: str) -> None:
@@ -314,23 +355,26 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.appendPlainText(line)
 
     def onFinished(self, outcome: RunOutcome) -> None:
-        self._bar.visible = False
         self._timer.stop()
+        if self._bar is not None:
+            self._bar.visible = False
+        label = self._label if self._label is not None else self.ui.inferenceStatusLabel
         try:
             if outcome.state is RunState.SUCCEEDED:
                 with slicer.util.tryWithErrorDisplay(
                     _("Failed to show the DeepSSM results."), waitCursor=True
                 ):
                     self.logic.finish(outcome)
-                    self._label.text = _("Done in {0:.1f} s").format(outcome.elapsed_s)
+                    label.text = _("Done in {0:.1f} s").format(outcome.elapsed_s)
                     if self.logic.lastTrainedBundle:
                         self._parameterNode.bundlePath = Path(self.logic.lastTrainedBundle)
                     self.refreshRecentBundles()
             elif outcome.state is RunState.CANCELLED:
-                self._label.text = _("Cancelled after {0:.0f} s").format(outcome.elapsed_s)
+                label.text = _("Cancelled after {0:.0f} s").format(outcome.elapsed_s)
             else:
-                self._label.text = _("Failed: {0}").format(outcome.error)
-                slicer.util.errorDisplay(outcome.error, detailedText=outcome.details)
+                label.text = _("Failed: {0}").format(outcome.error)
+                if outcome.returncode is not None:  # a start failure is shown by tryWithErrorDisplay
+                    slicer.util.errorDisplay(outcome.error, detailedText=outcome.details)
         finally:
             self.logic.cleanupTask()
             self._checkCanApply()
@@ -349,38 +393,51 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSeverity(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to compute severity."), waitCursor=True):
-            self.ui.analysisStatusLabel.text = self.logic.showSeverity(
+            _table, self.ui.analysisStatusLabel.text = self.logic.showSeverity(
                 _path(p.normalGroupPath), _path(p.subjectsPath)
             )
+
+    # -- shape-model explorer -------------------------------------------------------------------
+    def onShowShapeModel(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the shape model."), waitCursor=True):
+            explorer = self.logic.showShapeModel(resolve_bundle_path(_path(p.bundlePath)))
+            for i, slider in enumerate(self._modeSliders):
+                slider.enabled = i < explorer.n_modes
+                wasBlocked = slider.blockSignals(True)
+                slider.value = 0.0
+                slider.blockSignals(wasBlocked)
+            self.ui.explorerStatusLabel.text = self.logic.explorerSummary()
+
+    def onModeSlider(self, _value: float = 0.0) -> None:
+        self.logic.warpShapeModel([slider.value for slider in self._modeSliders])
 
 
 #
 # Logic (named DeepSSMModuleLogic so that it does not shadow the DeepSSMLogic package)
 #
-class DeepSSMModuleLogic(ScriptedLoadableModuleLogic):
-    """Façade over DeepSSMLogic for the widget; usable without it (see DeepSSMTest)."""
+class DeepSSMModuleLogic(DeepSSMController, ScriptedLoadableModuleLogic):
+    """Façade over DeepSSMLogic for the widget; usable without it (see DeepSSMTest).
+
+    Everything Qt-free lives in ``DeepSSMLib.controller.DeepSSMController`` (tested headless); this
+    class adds what needs the application: settings path, PythonSlicer, dialogs, event loop, layout.
+    """
 
     def __init__(self, runner: BackgroundRunner | None = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.runner = runner or BackgroundRunner()
-        self.recentBundles = RecentBundles(
-            Path(slicer.app.slicerUserSettingsFilePath).parent / "DeepSSM-recent-bundles.json"
+        # the class name would make the parameter node's singleton tag "DeepSSMModule"
+        self.moduleName = "DeepSSM"
+        DeepSSMController.__init__(
+            self,
+            scene=lambda: slicer.mrmlScene,
+            runner=runner,
+            recent_store=Path(slicer.app.slicerUserSettingsFilePath).parent / "DeepSSM-recent-bundles.json",
         )
-        self.task = None
-        self.workDir = None
-        self.predictionNodes = {}
-        self.trainingChart = None
-        self.lastTrainedBundle = None
-        self.swimPath = None
-        self.swimNode = None
-        self._volume = None
-        self._bundle = None
 
     def getParameterNode(self):
         return DeepSSMParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def python() -> str:
+    def python(self) -> str:
         """The interpreter for the worker: PythonSlicer inside Slicer (same packages, no GUI)."""
         return shutil.which("PythonSlicer") or sys.executable
 
@@ -389,211 +446,20 @@ class DeepSSMModuleLogic(ScriptedLoadableModuleLogic):
         install.ensure_torch(ask_confirmation=True)
         install.ensure_requirements(requester="DeepSSM", confirm=slicer.util.confirmOkCancelDisplay)
 
-    def _newWorkDir(self) -> str:
-        self.workDir = tempfile.mkdtemp(prefix="DeepSSM-")
-        return self.workDir
+    def processEvents(self) -> None:
+        slicer.app.processEvents()
 
-    def startPrediction(
-        self,
-        volume,
-        bundlePath: str,
-        device: str = "auto",
-        aligned: bool = False,
-        groundTruth=None,
-        normalParticles=None,
-    ) -> None:
-        """Export the volume (LPS NRRD) and launch the worker; results arrive in :meth:`finish`."""
-        if volume is None:
-            raise ValueError(_("Select an input volume."))
-        if not bundlePath or not os.path.exists(bundlePath):
-            raise ValueError(_("Select an existing model bundle (folder or .zip): {0}").format(bundlePath))
-        self.ensureRequirements()
-        from DeepSSMLogic import io
+    def showSeverity(self, normalGroup: str, subjects: str):
+        """Severity table, shown in a layout that has a table view."""
+        table, summary = DeepSSMController.showSeverity(self, normalGroup, subjects)
+        mrml.show_table_in_layout(slicer.app.applicationLogic(), table)
+        return table, summary
 
-        work = self._newWorkDir()
-        image = os.path.join(work, "input.nrrd")
-        io.write_image(mrml.volume_to_sitk(volume), image)
-        args = [
-            "--bundle",
-            bundlePath,
-            "--image",
-            image,
-            "--out",
-            os.path.join(work, "out"),
-            "--device",
-            device,
-        ]
-        if aligned:
-            args.append("--aligned")
-        if groundTruth is not None and groundTruth.GetNumberOfControlPoints():
-            # local frame: the ground truth is expected next to the volume, like the outputs
-            gt = os.path.join(work, "ground_truth.csv")
-            io.write_particles(gt, mrml.markups_to_particles(groundTruth))
-            args += ["--ground-truth", gt]
-        if normalParticles:
-            args += ["--normal-particles", *[str(p) for p in normalParticles]]
-        self.task = "predict"
-        self.lastTrainedBundle = None
-        self._volume, self._bundle = volume, bundlePath
-        self.runner.start(worker_command(self.python(), "predict", args), env=worker_environment(device))
-
-    def startTraining(
-        self, cohort, outputBundle, variant, loss, epochs, batchSize, device, augmentCount, sampler, online
-    ):
-        """Launch training in the background; returns the live loss chart node."""
-        if not cohort or not os.path.exists(cohort):
-            raise ValueError(_("Select an existing cohort file: {0}").format(cohort))
-        if not outputBundle:
-            raise ValueError(_("Choose where to write the trained bundle."))
-        self.ensureRequirements()
-        args = [
-            "--cohort",
-            cohort,
-            "--out",
-            outputBundle,
-            "--variant",
-            variant,
-            "--loss",
-            loss,
-            "--epochs",
-            str(epochs),
-            "--batch-size",
-            str(batchSize),
-            "--device",
-            device,
-            "--augment-count",
-            str(augmentCount),
-            "--sampler",
-            sampler,
-        ]
-        if online:
-            args.append("--online")
-        scene = slicer.mrmlScene
-        curves = mrml.plot_chart(
-            scene,
-            "DeepSSM training",
-            "epoch",
-            ["train_loss", "val_loss", "val_rmse_mm"],
-            title=_("DeepSSM training"),
-            y_label=_("loss / RMSE (mm)"),
-        )
-        self.trainingChart = curves
-        self.task = "train"
-        self.lastTrainedBundle = None
-        self.runner.start(worker_command(self.python(), "train", args), env=worker_environment(device))
-        return curves.chart
-
-    def onProgressMetrics(self, event) -> None:
-        """Live curves: one table row per epoch event."""
-        if self.task == "train" and self.trainingChart is not None and "epoch" in event.metrics:
-            row = {k: v for k, v in event.metrics.items() if isinstance(v, (int, float))}
-            row["epoch"] = float(event.done)
-            mrml.append_table_row(self.trainingChart.table, row)
-
-    def finish(self, outcome: RunOutcome):
-        """Turn a successful run's result into nodes (prediction) or a registered bundle (training)."""
-        result = outcome.result or {}
-        if result.get("kind") == "prediction":
-            key = self._volume.GetID()
-            nodes = mrml.show_prediction(
-                slicer.mrmlScene, self._volume, result, self.predictionNodes.get(key)
-            )
-            self.predictionNodes[key] = nodes
-            self.recentBundles.add(self._bundle)
-            return nodes
-        if result.get("kind") == "training":
-            self.lastTrainedBundle = result["bundle"]
-            self.recentBundles.add(result["bundle"])
-            return result["bundle"]
-        raise RuntimeError(f"unexpected result from the DeepSSM worker: {sorted(result)}")
-
-    def cleanupTask(self) -> None:
-        if self.workDir:
-            shutil.rmtree(self.workDir, ignore_errors=True)
-        self.workDir = None
-        self.task = None
-
-    def predictBlocking(
-        self, volume, bundlePath, device="cpu", aligned=False, groundTruth=None, timeout_s=600.0
-    ):
-        """Run a prediction to completion (scripts and the self-test); returns the output nodes."""
-        self.startPrediction(volume, bundlePath, device, aligned, groundTruth)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while self.runner.poll():
-                if time.monotonic() > deadline:
-                    self.runner.cancel()
-                    raise TimeoutError(f"DeepSSM prediction took longer than {timeout_s} s")
-                slicer.app.processEvents()
-                time.sleep(0.05)
-            outcome = self.runner.outcome
-            if outcome.state is not RunState.SUCCEEDED:
-                raise RuntimeError(f"{outcome.error}\n{outcome.details}")
-            return self.finish(outcome)
-        finally:
-            self.cleanupTask()
-
-    def loadDemo(self):
-        """Load the demo image and ground truth; returns (volume, ground-truth point list, bundle path)."""
-        from DeepSSMLogic import io
-
-        image = verified_sample_file("image")
-        truth = verified_sample_file("ground_truth")
-        bundle = verified_sample_file("bundle")
-        volume = mrml.add_volume_from_sitk(slicer.mrmlScene, io.read_image(image), "DeepSSM demo image")
-        gt = mrml.particles_to_markups(
-            slicer.mrmlScene,
-            io.read_particles(truth),
-            "DeepSSM demo ground truth",
-            reference=volume,
-            color=(0.2, 0.8, 0.2),
-        )
-        return volume, gt, str(bundle)
-
-    # -- analysis -------------------------------------------------------------------------------
-    def showGroupDifference(self, groupA: str, groupB: str) -> str:
-        """Mean of A coloured by the distance to mean of B (mm); prepares the swim path A → B."""
-        _namesA, a = dsa.load_group(groupA)
-        _namesB, b = dsa.load_group(groupB)
-        from DeepSSMLogic.analysis.groups import group_difference
-
-        diff = group_difference(a, b)
-        scene = slicer.mrmlScene
-        node = mrml.add_point_cloud_model(
-            scene,
-            diff.mean_a,
-            "DeepSSM group difference",
-            particle_values={"difference_mm": diff.magnitude},
-            node=scene.GetFirstNodeByName("DeepSSM group difference"),
-        )
-        mrml.show_scalar_heatmap(node, "difference_mm", "viridis", title=_("|B − A| (mm)"))
-        self.swimPath = dsa.swim_between_groups(a, b)
-        self.swimTo(0.0)
-        return _("{0} vs {1} shapes; largest mean difference {2:.2f} mm").format(
-            len(a), len(b), float(diff.magnitude.max())
-        )
-
-    def swimTo(self, value: float) -> None:
-        """Morph the swim shape live to ``value`` in [0, 1] (A → B)."""
-        if self.swimPath is None:
-            return
-        pts = self.swimPath.at(value)
-        if self.swimNode is None or self.swimNode.GetScene() is None:
-            self.swimNode = mrml.particles_to_markups(slicer.mrmlScene, pts, "DeepSSM swim")
-        else:
-            mrml.update_markups_from_particles(self.swimNode, pts)
-
-    def showSeverity(self, normalGroup: str, subjects: str) -> str:
-        _names, normal = dsa.load_group(normalGroup)
-        names, subj = dsa.load_group(subjects)
-        scores = dsa.severity_scores(normal, subj)
-        table = slicer.mrmlScene.GetFirstNodeByName("DeepSSM severity") or slicer.mrmlScene.AddNewNodeByClass(
-            "vtkMRMLTableNode", "DeepSSM severity"
-        )
-        mrml.update_table(table, {"subject": names, "severity (Mahalanobis)": [float(s) for s in scores]})
-        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
-        slicer.app.applicationLogic().PropagateTableSelection()
-        return _("Severity of {0} subjects against {1} normal shapes").format(len(names), len(normal))
+    def showShapeModel(self, bundlePath: str):
+        """The explorer, with its variance plot shown in the layout."""
+        explorer = DeepSSMController.showShapeModel(self, bundlePath)
+        slicer.modules.plots.logic().ShowChartInLayout(self.explorerNodes.variance_chart)
+        return explorer
 
 
 #

@@ -156,14 +156,31 @@ def test_malformed_json_lines_are_kept_as_log():
 
 
 def test_worker_environment_forces_cpu_and_finds_the_logic():
-    env = rn.worker_environment("cpu", base={"PYTHONPATH": "/elsewhere", "ITK_AUTOLOAD_PATH": "/x"})
+    env = rn.worker_environment("cpu", base={"PYTHONPATH": "/elsewhere"})
     assert env["CUDA_VISIBLE_DEVICES"] == "-1"
     assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/elsewhere"]
-    assert "ITK_AUTOLOAD_PATH" not in env
     assert "CUDA_VISIBLE_DEVICES" not in rn.worker_environment("auto", base={})
     cmd = rn.worker_command("/py", "predict", ["--bundle", "b"])
     assert cmd[:3] == ["/py", "-u", str(REPO / "DeepSSMExtension" / "DeepSSMLib" / "worker.py")]
     assert cmd[3:] == ["predict", "--bundle", "b"]
+
+
+def test_worker_drops_itk_autoload_path_before_simpleitk_can_be_imported(tmp_path):
+    """Slicer's launcher re-inserts ITK_AUTOLOAD_PATH into PythonSlicer's environment, so the
+    worker itself must remove it, before SimpleITK is imported (Slicer#8947)."""
+    import subprocess
+
+    probe = (
+        "import os, sys\n"
+        "import DeepSSMLib.worker\n"
+        "print('ITK_AUTOLOAD_PATH' in os.environ, 'SimpleITK' in sys.modules)\n"
+    )
+    env = dict(os.environ, ITK_AUTOLOAD_PATH=str(tmp_path / "itk-factories"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "DeepSSMExtension")])
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    assert out == ["False", "False"], "the worker must drop ITK_AUTOLOAD_PATH before SimpleITK is loaded"
 
 
 def test_real_subprocess_streams_lines_and_cancel_kills_grandchildren(tmp_path):

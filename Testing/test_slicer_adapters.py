@@ -278,3 +278,104 @@ def test_group_difference_heatmap_and_swim(ctx, tmp_path):
     with pytest.raises(InputError, match="no particle files"):
         (tmp_path / "empty").mkdir()
         dsa.load_group(tmp_path / "empty")
+
+
+# -- issue 12: mesh arrays, editable results, value table ----------------------------------------
+def _mesh_with_normals_and_scalars():
+    """An ellipsoid with point normals (the active Normals attribute), then a 3-component
+    vector array and a scalar array after it, plus cell normals: the layout that the old
+    remove-and-re-add loop flipped twice."""
+    surface = ss.ellipsoid_surface(resolution=12)
+    normals = vtk.vtkPolyDataNormals()
+    normals.SetInputData(surface)
+    normals.ComputeCellNormalsOn()
+    normals.SplittingOff()
+    normals.Update()
+    mesh = vtk.vtkPolyData()
+    mesh.DeepCopy(normals.GetOutput())
+    pts = ns.vtk_to_numpy(mesh.GetPoints().GetData()).astype(np.float64)
+    vec = ns.numpy_to_vtk(np.ascontiguousarray(pts * 0.1), deep=True)
+    vec.SetName("displacement")
+    mesh.GetPointData().AddArray(vec)
+    sc = ns.numpy_to_vtk(np.ascontiguousarray(pts[:, 2]), deep=True)
+    sc.SetName("height")
+    mesh.GetPointData().AddArray(sc)
+    return mesh
+
+
+def test_polydata_flip_flips_each_vector_array_once_and_keeps_the_normals_attribute():
+    mesh = _mesh_with_normals_and_scalars()
+    pd = mesh.GetPointData()
+    before = {
+        pd.GetArrayName(i): ns.vtk_to_numpy(pd.GetArray(i)).copy() for i in range(pd.GetNumberOfArrays())
+    }
+    cell_before = ns.vtk_to_numpy(mesh.GetCellData().GetNormals()).copy()
+    assert pd.GetNormals() is not None and {"Normals", "displacement", "height"} <= set(before)
+
+    ras = mrml.polydata_lps_to_ras(mesh)
+    out = ras.GetPointData()
+    assert out.GetNormals() is not None and out.GetNormals().GetName() == "Normals"
+    for name in ("Normals", "displacement"):
+        np.testing.assert_allclose(ns.vtk_to_numpy(out.GetArray(name)), before[name] @ FLIP, atol=1e-6)
+    np.testing.assert_array_equal(ns.vtk_to_numpy(out.GetArray("height")), before["height"])
+    np.testing.assert_allclose(ns.vtk_to_numpy(ras.GetCellData().GetNormals()), cell_before @ FLIP, atol=1e-6)
+    # the input is untouched and the round trip is exact
+    np.testing.assert_array_equal(
+        ns.vtk_to_numpy(mesh.GetPointData().GetArray("displacement")), before["displacement"]
+    )
+    back = mrml.polydata_ras_to_lps(ras)
+    for name, values in before.items():
+        np.testing.assert_allclose(ns.vtk_to_numpy(back.GetPointData().GetArray(name)), values, atol=1e-6)
+    # outward normals stay outward: the normal at the +R-most vertex points to +R
+    r = ns.vtk_to_numpy(ras.GetPoints().GetData())
+    i = int(np.argmax(r[:, 0]))
+    assert ns.vtk_to_numpy(out.GetNormals())[i, 0] > 0.9
+
+
+def test_prediction_surface_is_also_an_editable_closed_surface_segmentation(ctx, tmp_path):
+    img = ss.ellipsoid_image()
+    volume = mrml.add_volume_from_sitk(ctx.scene, img, "img")
+    result = ss.write_fake_result(tmp_path)
+    nodes = mrml.show_prediction(ctx.scene, volume, result)
+    seg = nodes.segmentation
+    assert seg is not None and seg.IsA("vtkMRMLSegmentationNode")
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    assert segmentation.GetSourceRepresentationName() == "Closed surface"
+    surface = vtk.vtkPolyData()
+    seg.GetClosedSurfaceRepresentation(segmentation.GetNthSegmentID(0), surface)
+    np.testing.assert_allclose(
+        ns.vtk_to_numpy(surface.GetPoints().GetData()),
+        ns.vtk_to_numpy(nodes.surface.GetPolyData().GetPoints().GetData()),
+    )
+    assert seg.GetTransformNodeID() == volume.GetTransformNodeID()
+    # particles: a locked point list that a stray click cannot extend
+    assert nodes.particles.GetLocked() and nodes.particles.GetFixedNumberOfControlPoints()
+    # the surface is see-through in 3D and outlined over the slices
+    display = nodes.surface.GetDisplayNode()
+    assert 0.3 <= display.GetOpacity() < 1.0 and display.GetVisibility2D()
+
+
+def test_per_point_value_table_lists_each_particle_with_units(ctx, tmp_path):
+    volume = mrml.add_volume_from_sitk(ctx.scene, ss.ellipsoid_image(), "img")
+    result = ss.write_fake_result(tmp_path)
+    nodes = mrml.show_prediction(ctx.scene, volume, result)
+    cols = mrml.table_columns(nodes.values)
+    assert list(cols) == ["particle", "R (mm)", "A (mm)", "S (mm)", "error (mm)"]
+    particles = io.read_particles(result["particles"])
+    assert len(cols["particle"]) == len(particles)
+    np.testing.assert_allclose(np.c_[cols["R (mm)"], cols["A (mm)"], cols["S (mm)"]], particles @ FLIP)
+    np.testing.assert_allclose(cols["error (mm)"], result["point_arrays"]["error_mm"])
+    assert nodes.legends["error_mm"].GetTitleText() == "Error (mm)"
+
+
+def test_robust_range_ignores_outliers_and_centres_signed_maps():
+    vals = np.r_[np.linspace(0.0, 1.0, 1000), 500.0]
+    lo, hi = mrml.robust_range(vals)
+    assert lo == pytest.approx(0.02, abs=1e-3) and hi == pytest.approx(0.98, abs=0.01)
+    lo, hi = mrml.robust_range(np.r_[np.linspace(-0.5, 2.0, 1000), -300.0], symmetric=True)
+    assert lo == -hi and hi == pytest.approx(
+        np.percentile(np.abs(np.r_[np.linspace(-0.5, 2.0, 1000), -300]), 98)
+    )
+    assert mrml.robust_range(np.full(10, 3.0)) == (3.0, 4.0)
+    assert mrml.robust_range(np.array([np.nan])) == (0.0, 1.0)

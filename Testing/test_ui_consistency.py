@@ -157,3 +157,67 @@ def test_module_does_not_use_postponed_annotations():
     # parameterNodeWrapper reads the class annotations at decoration time; string annotations from
     # `from __future__ import annotations` would hide Annotated[...] validators from it.
     assert "from __future__ import annotations" not in MODULE.read_text(encoding="utf-8")
+
+
+def _widget(name: str) -> ET.Element:
+    for w in ET.parse(UI).getroot().iter("widget"):
+        if w.get("name") == name:
+            return w
+    raise AssertionError(f"DeepSSM.ui has no widget {name}")
+
+
+def _prop(widget: ET.Element, name: str) -> ET.Element | None:
+    return next((p for p in widget.findall("property") if p.get("name") == name), None)
+
+
+def test_input_volume_selector_offers_no_label_maps():
+    # vtkMRMLLabelMapVolumeNode derives from vtkMRMLScalarVolumeNode: hide child types (as the template)
+    prop = _prop(_widget("inputVolumeSelector"), "showChildNodeTypes")
+    assert prop is not None and prop.findtext("bool") == "false"
+
+
+def test_bundle_can_be_picked_as_a_folder_or_its_model_json():
+    edit = _widget("bundlePathLineEdit")
+    # ctkPathLineEdit with Files|Dirs opens a file dialog that cannot select a folder
+    assert "Dirs" not in (_prop(edit, "filters").findtext("set") or "")
+    assert "model.json" in " ".join(s.text or "" for s in _prop(edit, "nameFilters").iter("string"))
+    assert _widget("bundleFolderButton").get("class") == "QPushButton"
+    assert "bundleFolderButton" in code_ui_names() and "getExistingDirectory" in MODULE.read_text()
+
+
+def test_parameter_node_singleton_tag_is_the_module_name():
+    # ScriptedLoadableModuleLogic derives the tag from the class name: "DeepSSMModule" otherwise
+    logic = next(n for n in _tree().body if isinstance(n, ast.ClassDef) and n.name == "DeepSSMModuleLogic")
+    init = next(f for f in logic.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    src = ast.unparse(init)
+    assert "self.moduleName = 'DeepSSM'" in src
+    assert src.index("ScriptedLoadableModuleLogic.__init__") < src.index("self.moduleName = 'DeepSSM'")
+
+
+def test_module_icon_is_set_from_wherever_resources_are():
+    module = next(n for n in _tree().body if isinstance(n, ast.ClassDef) and n.name == "DeepSSM")
+    src = ast.unparse(module)
+    assert "module_icon_path()" in src and "self.parent.icon = qt.QIcon" in src
+
+
+def test_empty_path_fields_are_shown_blank_not_dot():
+    src = MODULE.read_text(encoding="utf-8")
+    assert "def _blankEmptyPaths" in src and "self._blankEmptyPaths()" in src
+    path_edits = [n for n, (cls, p) in ui_widgets().items() if cls == "ctkPathLineEdit" and p]
+    blank = src[src.index("def _blankEmptyPaths") : src.index("def _checkCanApply")]
+    assert all(f"self.ui.{n}" in blank for n in path_edits), "every bound path field is blanked"
+
+
+def test_no_deprecated_markups_calls():
+    lib = REPO / "DeepSSMExtension"
+    for py in lib.rglob("*.py"):
+        assert "SetMarkupLabelFormat" not in py.read_text(encoding="utf-8"), (
+            f"{py}: use SetControlPointLabelFormat"
+        )
+
+
+def test_explorer_sliders_span_three_standard_deviations():
+    for k in (1, 2, 3):
+        w = _widget(f"mode{k}Slider")
+        assert _prop(w, "minimum").findtext("double") == "-3"
+        assert _prop(w, "maximum").findtext("double") == "3"

@@ -59,6 +59,14 @@ def resource_path(relative: str) -> Path:
     raise FileNotFoundError(f"DeepSSM resource not found: Resources/{relative}")
 
 
+def module_icon_path() -> Path | None:
+    """``Resources/Icons/DeepSSM.png`` in either layout, None when not shipped."""
+    try:
+        return resource_path("Icons/DeepSSM.png")
+    except FileNotFoundError:
+        return None
+
+
 # -- requirements ---------------------------------------------------------------------------------
 _REQ_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*([^;#]*)")
 
@@ -112,9 +120,13 @@ def ensure_requirements(
         return
     import slicer
 
-    packaging = getattr(slicer, "packaging", None)
+    try:
+        # a submodule: a plain `import slicer` does not load it (as the 5.12 module template does)
+        import slicer.packaging as packaging
+    except ImportError:  # Slicer < 5.12
+        packaging = None
     if packaging is not None and hasattr(packaging, "pip_ensure"):
-        # pip_ensure takes packaging.Requirement objects and re-checks versions itself
+        # pip_ensure takes packaging.Requirement objects, re-checks versions, skips under --testing
         packaging.pip_ensure(packaging.load_requirements(str(path)), requester=requester)
         return
     if confirm is not None and not confirm(

@@ -58,6 +58,14 @@ def _scene_of(node: Any) -> Any:
     return scene
 
 
+def in_scene(node: Any, scene: Any) -> Any:
+    """``node`` if it is (still) in ``scene``, else None. Nodes removed by the user or by Close
+    Scene have no scene; node IDs restart after a close, so an ID alone proves nothing."""
+    if node is None or scene is None or node.GetScene() is not scene:
+        return None
+    return node if scene.IsNodePresent(node) else None
+
+
 # -- volumes ------------------------------------------------------------------------------------
 def grid_from_volume(volume_node: Any) -> Grid:
     """The volume's geometry as a :class:`Grid` (LPS mm), from its IJK-to-RAS matrix."""
@@ -173,7 +181,7 @@ def update_markups_from_particles(node: Any, particles_lps: np.ndarray, locked: 
     try:
         node.SetFixedNumberOfControlPoints(False)
         node.RemoveAllControlPoints()
-        node.SetMarkupLabelFormat("")
+        node.SetControlPointLabelFormat("")  # replaces the deprecated markup label format call
         for p in ras:
             node.AddControlPoint(vtk.vtkVector3d(float(p[0]), float(p[1]), float(p[2])), "")
         node.SetLocked(locked)
@@ -226,6 +234,23 @@ def markups_to_particles(node: Any, world: bool = False) -> np.ndarray:
             node.GetNthControlPointPosition(i, p)
         ras[i] = p
     return ras_to_lps(ras)
+
+
+def markups_to_particles_in_frame_of(node: Any, reference: Any) -> np.ndarray:
+    """Control points of ``node`` as ``(M, 3)`` LPS mm in the *local* frame of ``reference``
+    (e.g. the volume a prediction is made on): world positions (after ``node``'s parent
+    transforms) mapped through the inverse of ``reference``'s parent transforms. Whatever
+    transforms the two nodes sit under, the points compare with predictions on ``reference``."""
+    slicer = _slicer()
+    vtk = _vtk()
+    world_lps = markups_to_particles(node, world=True)
+    parent = reference.GetParentTransformNode()
+    if parent is None:
+        return world_lps
+    world_to_local = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, world_to_local)
+    local_ras = np.array([world_to_local.TransformPoint(*map(float, p)) for p in lps_to_ras(world_lps)])
+    return ras_to_lps(local_ras)
 
 
 def point_cloud_polydata(particles_lps: np.ndarray, radius: float, resolution: int = 6) -> Any:
@@ -304,9 +329,28 @@ def add_point_cloud_model(
 
 
 # -- meshes and heatmaps ---------------------------------------------------------------------------
+def _flip_vector_arrays(data: Any) -> None:
+    """Flip, in place, every floating-point 3-component array of a point/cell data object
+    (vectors, normals): the arrays stay the same objects, so the ``Normals``/``Vectors`` and
+    active-scalar attributes are kept. Integer 3-component arrays (RGB colours) are left alone."""
+    from vtk.util import numpy_support as ns
+
+    for i in range(data.GetNumberOfArrays()):
+        arr = data.GetArray(i)
+        if arr is None or arr.GetNumberOfComponents() != 3 or arr.GetDataTypeSize() < 4:
+            continue
+        if arr.GetDataType() not in (_vtk().VTK_FLOAT, _vtk().VTK_DOUBLE):
+            continue
+        view = ns.vtk_to_numpy(arr)  # shares memory with the VTK array
+        view[:, :2] *= -1.0
+        arr.Modified()
+
+
 def polydata_lps_to_ras(mesh: Any) -> Any:
-    """A deep copy of ``mesh`` with points and 3-component vector arrays flipped LPS -> RAS.
-    (The flip is a rotation by 180° about z, so triangle winding and orientation are kept.)"""
+    """A deep copy of ``mesh`` with points and 3-component float point/cell arrays (normals,
+    vectors) flipped LPS -> RAS, each exactly once; array attributes (active normals, scalars)
+    are kept. (The flip is a rotation by 180° about z, so triangle winding and orientation are
+    kept.) The flip is its own inverse, so this is also RAS -> LPS."""
     vtk = _vtk()
     from vtk.util import numpy_support as ns
 
@@ -317,15 +361,9 @@ def polydata_lps_to_ras(mesh: Any) -> Any:
         new = vtk.vtkPoints()
         new.SetData(ns.numpy_to_vtk(np.ascontiguousarray(lps_to_ras(pts)), deep=True))
         out.SetPoints(new)
-    pd = out.GetPointData()
-    for i in range(pd.GetNumberOfArrays()):
-        arr = pd.GetArray(i)
-        if arr is not None and arr.GetNumberOfComponents() == 3:
-            vals = ns.vtk_to_numpy(arr).astype(np.float64)
-            flipped = ns.numpy_to_vtk(np.ascontiguousarray(lps_to_ras(vals)), deep=True)
-            flipped.SetName(arr.GetName())
-            pd.RemoveArray(arr.GetName())
-            pd.AddArray(flipped)
+    _flip_vector_arrays(out.GetPointData())
+    _flip_vector_arrays(out.GetCellData())
+    out.Modified()
     return out
 
 
@@ -376,6 +414,55 @@ def model_to_polydata_lps(node: Any) -> Any:
     return polydata_ras_to_lps(pd)
 
 
+def surface_to_segmentation(
+    scene: Any,
+    model_node: Any,
+    name: str,
+    reference: Any | None = None,
+    node: Any | None = None,
+    color: tuple[float, float, float] = (0.9, 0.85, 0.75),
+) -> Any:
+    """A segmentation whose single segment is the model's surface as its closed-surface source
+    representation (editable in Segment Editor, measurable in Segment Statistics). The mesh is
+    copied without its scalar arrays; ``node`` is reused (its segments replaced) when given."""
+    vtk = _vtk()
+    pd = model_node.GetPolyData()
+    if pd is None or pd.GetNumberOfPoints() == 0:
+        raise InputError(f"model {model_node.GetName()!r} has no mesh to turn into a segmentation")
+    surface = vtk.vtkPolyData()
+    surface.SetPoints(pd.GetPoints())
+    surface.SetPolys(pd.GetPolys())
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation = node.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    # Slicer >= 5.4 names it "source" representation; older releases "master"
+    to_closed = (
+        getattr(node, "SetSourceRepresentationToClosedSurface", None)
+        or node.SetMasterRepresentationToClosedSurface
+    )
+    to_closed()
+    node.AddSegmentFromClosedSurfaceRepresentation(surface, name, list(color))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetVisibility(False)  # the coloured model shows the same surface
+    if reference is not None:
+        place_next_to(node, reference)
+    return node
+
+
+def show_surface_over_slices(model_node: Any, opacity: float = 0.6) -> None:
+    """Semi-transparent in 3D (the image slices show through) and drawn as an outline in the
+    slice views, so the prediction can be checked against the image."""
+    display = model_node.GetDisplayNode()
+    if display is None:
+        model_node.CreateDefaultDisplayNodes()
+        display = model_node.GetDisplayNode()
+    display.SetOpacity(float(opacity))
+    display.SetVisibility2D(True)
+    display.SetSliceIntersectionThickness(2)
+
+
 # Perceptually uniform viridis (sequential: errors, magnitudes) and a blue-white-red diverging map
 # (signed values: inward < 0 < outward). slicer-core ships no colour files, so the control points
 # live here; inside Slicer the same procedural nodes are used for identical pictures.
@@ -423,6 +510,21 @@ def color_node(scene: Any, colormap: str, n_colors: int = 256) -> Any:
     return node
 
 
+def robust_range(values: np.ndarray, symmetric: bool = False) -> tuple[float, float]:
+    """Colour range of a heatmap: the 2nd-98th percentiles of the finite ``values`` (one outlier
+    vertex must not wash the whole map into one colour); ``symmetric`` gives ``(-m, m)`` with ``m``
+    the 98th percentile of ``|values|``, so 0 sits at the centre of a diverging map."""
+    vals = np.asarray(values, dtype=np.float64).ravel()
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return (-1.0, 1.0) if symmetric else (0.0, 1.0)
+    if symmetric:
+        m = float(np.percentile(np.abs(vals), 98)) or 1.0
+        return (-m, m)
+    lo, hi = float(np.percentile(vals, 2)), float(np.percentile(vals, 98))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
 def show_scalar_heatmap(
     model_node: Any,
     array_name: str,
@@ -442,16 +544,7 @@ def show_scalar_heatmap(
     if arr is None:
         raise InputError(f"model {model_node.GetName()!r} has no point array {array_name!r}")
     if scalar_range is None:
-        # robust range: one outlier vertex must not wash the whole map into one colour
-        vals = ns.vtk_to_numpy(arr).astype(np.float64)
-        if symmetric:
-            m = float(np.percentile(np.abs(vals), 98)) or 1.0
-            lo, hi = -m, m
-        else:
-            lo, hi = float(np.percentile(vals, 2)), float(np.percentile(vals, 98))
-            if hi <= lo:
-                hi = lo + 1.0
-        scalar_range = (lo, hi)
+        scalar_range = robust_range(ns.vtk_to_numpy(arr), symmetric)
     scene = _scene_of(model_node)
     cnode = color_node(scene, colormap)
     display = model_node.GetDisplayNode()
@@ -544,6 +637,55 @@ def descriptor_table(
     return node
 
 
+def point_value_table(
+    scene: Any,
+    particles_lps: np.ndarray,
+    values: Mapping[str, Sequence[float]],
+    name: str,
+    reference: Any | None = None,
+    node: Any | None = None,
+) -> Any:
+    """One row per particle: its index, R, A, S (mm, the node frame) and each of ``values``
+    (column name with units -> ``(M,)``), so a heatmap can be read as numbers and sorted."""
+    pts = _as_points(particles_lps, name)
+    ras = lps_to_ras(pts)
+    columns: dict[str, Sequence[Any]] = {
+        "particle": [float(i) for i in range(len(pts))],
+        "R (mm)": ras[:, 0].tolist(),
+        "A (mm)": ras[:, 1].tolist(),
+        "S (mm)": ras[:, 2].tolist(),
+    }
+    for col, vals in values.items():
+        arr = np.asarray(vals, dtype=np.float64)
+        if arr.shape != (len(pts),):
+            raise InputError(f"{name}: {col!r} needs one value per particle ({len(pts)}), found {arr.shape}")
+        columns[col] = arr.tolist()
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    update_table(node, columns)
+    if reference is not None:
+        place_next_to(node, reference)
+    return node
+
+
+def _table_layouts() -> tuple[int, ...]:
+    L = _slicer().vtkMRMLLayoutNode
+    return (L.SlicerLayoutFourUpTableView, L.SlicerLayout3DTableView, L.SlicerLayoutFourUpPlotTableView)
+
+
+def show_table_in_layout(app_logic: Any, table_node: Any) -> None:
+    """Show ``table_node`` in a table view: switch to the four-up table layout unless the current
+    layout already has a table view (selecting a table shows nothing in a layout without one)."""
+    scene = _scene_of(table_node)
+    layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    if layout is not None and layout.GetViewArrangement() not in _table_layouts():
+        layout.SetViewArrangement(_slicer().vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+    selection = app_logic.GetSelectionNode()
+    if selection is not None:
+        selection.SetActiveTableID(table_node.GetID())
+        app_logic.PropagateTableSelection()
+
+
 @dataclass
 class Chart:
     """A plot chart fed by one table: the series share the table's x column."""
@@ -593,15 +735,26 @@ class PredictionNodes:
     particles: Any = None
     point_cloud: Any = None
     surface: Any = None
+    segmentation: Any = None
     descriptor: Any = None
+    values: Any = None
     legends: dict[str, Any] | None = None
+
+    NODE_FIELDS = ("particles", "point_cloud", "surface", "segmentation", "descriptor", "values")
+
+    def only_in(self, scene: Any) -> PredictionNodes:
+        """A copy that keeps only the nodes still in ``scene`` (removed ones become None)."""
+        return PredictionNodes(**{f: in_scene(getattr(self, f), scene) for f in self.NODE_FIELDS})
 
 
 HEATMAPS = {
-    # array name -> (colour map, symmetric range, legend title)
+    # array name -> (colour map, symmetric range, legend title with units)
     "error_mm": ("viridis", False, "Error (mm)"),
-    "severity_signed": ("coolwarm", True, "Severity"),
+    "severity_signed": ("coolwarm", True, "Severity (SD, + outward)"),
 }
+
+#: table column (with units) for each per-particle array of a result
+VALUE_COLUMNS = {"error_mm": "error (mm)", "severity_signed": "severity (SD, signed)"}
 
 
 def show_prediction(
@@ -613,12 +766,17 @@ def show_prediction(
 ) -> PredictionNodes:
     """Load a worker result (``result.json`` content, LPS files) into nodes next to ``volume_node``.
 
-    Reuses the nodes in ``nodes`` when given (re-running updates in place). ``heatmap`` picks the
-    array shown on the surface (default: the first available of ``HEATMAPS``).
+    Reuses those of ``nodes`` that are still in ``scene`` (re-running updates in place; nodes
+    deleted by the user or by Close Scene are created anew). ``heatmap`` picks the array shown on
+    the surface (default: the first available of ``HEATMAPS``).
+
+    Outputs: a locked point list of the particles (plus a glyph model when there are many), the
+    surface model (heatmap, semi-transparent, outlined in the slice views) and the same surface as
+    a closed-surface segmentation, the descriptor table and a per-particle value table.
     """
     from DeepSSMLogic import io
 
-    nodes = nodes or PredictionNodes()
+    nodes = nodes.only_in(scene) if nodes is not None else PredictionNodes()
     base = volume_node.GetName()
     particles = io.read_particles(result["particles"])
     nodes.particles = particles_to_markups(
@@ -638,6 +796,14 @@ def show_prediction(
             reference=volume_node,
             node=nodes.surface,
         )
+        show_surface_over_slices(nodes.surface)
+        nodes.segmentation = surface_to_segmentation(
+            scene,
+            nodes.surface,
+            f"{base} DeepSSM segmentation",
+            reference=volume_node,
+            node=nodes.segmentation,
+        )
         available = [a for a in HEATMAPS if nodes.surface.GetPolyData().GetPointData().GetArray(a)]
         chosen = heatmap if heatmap in available else (available[0] if available else None)
         if chosen is not None:
@@ -645,6 +811,14 @@ def show_prediction(
             nodes.legends[chosen] = show_scalar_heatmap(
                 nodes.surface, chosen, cmap, symmetric=symmetric, title=title
             )
+    per_particle = {
+        VALUE_COLUMNS.get(k, k): v
+        for k, v in (result.get("point_arrays") or {}).items()
+        if len(v) == len(particles)
+    }
+    nodes.values = point_value_table(
+        scene, particles, per_particle, f"{base} DeepSSM values", reference=volume_node, node=nodes.values
+    )
     nodes.descriptor = descriptor_table(
         scene,
         result.get("descriptor") or [],

@@ -377,8 +377,8 @@ def worker_environment(device: str = "auto", base: Mapping[str, str] | None = No
     root = str(logic_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
-    # Slicer's ITK autoload path can crash SimpleITK in a plain child Python (Slicer#8947).
-    env.pop("ITK_AUTOLOAD_PATH", None)
+    # ITK_AUTOLOAD_PATH is not touched here: Slicer's launcher would put it back into
+    # PythonSlicer's environment; the worker removes it itself before importing SimpleITK.
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env

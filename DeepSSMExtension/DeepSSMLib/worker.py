@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+# Slicer's launcher sets ITK_AUTOLOAD_PATH for PythonSlicer (removing it from the parent's
+# environment has no effect); SimpleITK in this process must not load Slicer's ITK factories from it
+# (Slicer#8947). Done before anything can import SimpleITK.
+os.environ.pop("ITK_AUTOLOAD_PATH", None)
 
 import numpy as np
 

@@ -1,0 +1,283 @@
+"""Shape-model explorer: the bundle's mean surface warped live along its leading PCA modes.
+
+As ShapeWorks Studio's Analysis tab and SlicerMorph's GPA do: a slider per leading mode moves the
+shape between -3 and +3 standard deviations, a plot gives the variance each mode explains, and a
+predicted subject's PCA descriptor is marked on each mode's range.
+
+Reads only ``model.json`` (the PCA), the template mesh and its particles from the bundle: no torch,
+so it runs inside Slicer's GUI process. The template is warped with the thin-plate spline of
+:class:`DeepSSMLogic.mesh.MeshWarper`, which is linear in the particle displacements; so the
+vertex displacement of one standard deviation along each mode is computed once, and a slider move
+is a weighted sum of those fields (live at any mesh size).
+
+Frames: everything here is LPS mm in the model frame; :mod:`.mrml` converts to RAS for the nodes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from DeepSSMLogic.errors import BundleError, InputError
+
+from . import mrml
+
+#: how far the sliders go, in standard deviations of each mode
+SIGMA_LIMIT = 3.0
+#: bundle members the explorer reads (names as in DeepSSMLogic.bundle)
+TEMPLATE_MESH = "template_mesh.vtk"
+TEMPLATE_PARTICLES = "template.particles"
+MEAN_PARTICLES = "mean.particles"
+
+
+@dataclass
+class ShapeModelSource:
+    """What the explorer needs from a bundle: the PCA and a template surface with its particles.
+
+    ``vertices`` ``(V, 3)`` and ``particles`` ``(M, 3)`` are LPS mm (model frame); ``triangles``
+    ``(T, 3)`` int.
+    """
+
+    path: Path
+    model: Any  # DeepSSMLogic.shape_model.ShapeModel
+    vertices: np.ndarray
+    triangles: np.ndarray
+    particles: np.ndarray
+
+
+def _read_member(bundle: Path, name: str, digest: str | None, tmp: Path) -> Path | None:
+    """Path of the bundle member ``name`` (extracted from a zip into ``tmp``), its sha256 checked
+    against model.json; None when the bundle lacks it."""
+    from DeepSSMLogic.fileutil import sha256_file
+
+    if bundle.is_dir():
+        path = bundle / name
+        if not path.is_file():
+            return None
+    else:
+        with zipfile.ZipFile(bundle) as zf:
+            if name not in zf.namelist():
+                return None
+            path = tmp / name
+            path.write_bytes(zf.read(name))
+    if digest is not None and sha256_file(path) != digest:
+        raise BundleError(f"{bundle}: sha256 mismatch for {name}; the file was modified or corrupted")
+    return path
+
+
+def load_shape_model(bundle_path: str | Path) -> ShapeModelSource:
+    """The PCA and template surface of a bundle (folder or .zip). Raises BundleError when the bundle
+    has no PCA (a TL-DeepSSM bundle) or no template mesh."""
+    from DeepSSMLogic import io
+    from DeepSSMLogic.bundle import read_bundle_meta
+    from DeepSSMLogic.shape_model import ShapeModel
+
+    src = Path(bundle_path)
+    meta = read_bundle_meta(src)
+    pca = meta.get("pca")
+    if not pca:
+        raise BundleError(f"{src}: the bundle has no PCA shape model ('pca' in model.json) to explore")
+    try:
+        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in pca.items() if k != "meta"}
+        model = ShapeModel.from_arrays(arrays, pca.get("meta"))
+    except (InputError, ValueError, TypeError, AttributeError) as e:
+        raise BundleError(f"{src}/model.json: invalid 'pca' section ({e})") from None
+    digests = meta.get("files") or {}
+    tmp = Path(tempfile.mkdtemp(prefix="deepssm-explorer-"))
+    try:
+        mesh_path = _read_member(src, TEMPLATE_MESH, digests.get(TEMPLATE_MESH), tmp)
+        if mesh_path is None:
+            raise BundleError(
+                f"{src}: the bundle has no {TEMPLATE_MESH}; the explorer needs a template surface"
+            )
+        pts_path = _read_member(
+            src, TEMPLATE_PARTICLES, digests.get(TEMPLATE_PARTICLES), tmp
+        ) or _read_member(src, MEAN_PARTICLES, digests.get(MEAN_PARTICLES), tmp)
+        if pts_path is None:
+            raise BundleError(f"{src}: the bundle has neither {TEMPLATE_PARTICLES} nor {MEAN_PARTICLES}")
+        vertices, triangles = io.arrays_from_polydata(io.read_mesh(mesh_path))
+        particles = io.read_particles(pts_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if particles.shape != model.mean.shape:
+        raise BundleError(
+            f"{src}: template particles {particles.shape} do not match the PCA mean {model.mean.shape}"
+        )
+    return ShapeModelSource(src, model, np.asarray(vertices, np.float64), np.asarray(triangles), particles)
+
+
+class ShapeModelExplorer:
+    """Mean surface plus ``n_modes`` leading modes, warped in units of each mode's standard deviation.
+
+    ``sigma`` ``(K,)`` mm: the standard deviation of each mode's scores (sqrt of its eigenvalue).
+    """
+
+    def __init__(self, source: ShapeModelSource, n_modes: int = 3) -> None:
+        from DeepSSMLogic.mesh import MeshWarper
+
+        self.source = source
+        model = source.model
+        self.n_modes = int(min(n_modes, model.n_modes))
+        if self.n_modes < 1:
+            raise InputError("shape-model explorer: the model has no modes")
+        self.sigma = np.sqrt(model.eigenvalues[: self.n_modes])
+        warper = MeshWarper(source.vertices, source.triangles, source.particles)
+        shapes = [model.mean]
+        for k in range(self.n_modes):
+            shapes.append(model.mean + self.sigma[k] * model.components[k].reshape(-1, 3))
+        warped = warper.warp_many(np.stack(shapes))
+        self.mean_vertices = warped[0]
+        # (n_modes, V, 3): vertex displacement of +1 SD along each mode (the warp is linear)
+        self.mode_fields = warped[1:] - warped[0][None]
+        self.triangles = source.triangles
+
+    @property
+    def variance_explained(self) -> np.ndarray:
+        """``(K,)`` fraction of the total variance per mode (all modes of the model)."""
+        return self.source.model.explained_variance_ratio
+
+    def _weights(self, sigmas: Sequence[float]) -> np.ndarray:
+        w = np.zeros(self.n_modes)
+        given = np.asarray(list(sigmas)[: self.n_modes], dtype=np.float64)
+        if not np.all(np.isfinite(given)):
+            raise InputError(f"mode weights must be finite, found {list(sigmas)}")
+        w[: len(given)] = np.clip(given, -SIGMA_LIMIT, SIGMA_LIMIT)
+        return w
+
+    def vertices_at(self, sigmas: Sequence[float]) -> np.ndarray:
+        """Template vertices ``(V, 3)`` LPS mm for the shape ``mean + Σ sigmas[k]·SD_k·mode_k``
+        (``sigmas`` in standard deviations, clipped to ±3; missing modes are 0)."""
+        return self.mean_vertices + np.tensordot(self._weights(sigmas), self.mode_fields, axes=1)
+
+    def particles_at(self, sigmas: Sequence[float]) -> np.ndarray:
+        """Particles ``(M, 3)`` LPS mm of the same shape."""
+        w = self._weights(sigmas) * self.sigma
+        return self.source.model.reconstruct(w)
+
+    def max_displacement(self) -> float:
+        """Largest vertex displacement (mm) any slider setting can produce: the heatmap range."""
+        per_vertex = np.abs(self.mode_fields).sum(axis=0) * SIGMA_LIMIT  # bound of Σ|w_k d_k|
+        return float(np.linalg.norm(per_vertex, axis=1).max()) or 1.0
+
+    def descriptor_sigmas(self, descriptor: Sequence[float]) -> np.ndarray:
+        """A PCA descriptor (scores in mm) in standard deviations of the leading modes ``(n_modes,)``."""
+        d = np.asarray(descriptor, dtype=np.float64).ravel()
+        if d.size < self.n_modes:
+            raise InputError(f"descriptor has {d.size} scores, the explorer shows {self.n_modes} modes")
+        sd = np.where(self.sigma > 0, self.sigma, 1.0)
+        return d[: self.n_modes] / sd
+
+
+# -- MRML ------------------------------------------------------------------------------------------
+DISPLACEMENT_ARRAY = "displacement_mm"
+
+
+@dataclass
+class ExplorerNodes:
+    """Nodes of the explorer: the warped surface, the variance plot and the subject's marks."""
+
+    surface: Any
+    variance_table: Any
+    variance_chart: Any
+    subject_table: Any | None = None
+    subject_chart: Any | None = None
+
+
+def _surface_polydata(explorer: ShapeModelExplorer, sigmas: Sequence[float]) -> Any:
+    from vtk.util import numpy_support as ns
+
+    from DeepSSMLogic import io
+
+    verts = explorer.vertices_at(sigmas)
+    pd = io.polydata_from_arrays(verts, explorer.triangles)
+    disp = np.linalg.norm(verts - explorer.mean_vertices, axis=1)
+    arr = ns.numpy_to_vtk(np.ascontiguousarray(disp), deep=True)
+    arr.SetName(DISPLACEMENT_ARRAY)
+    pd.GetPointData().AddArray(arr)
+    return pd
+
+
+def update_surface(node: Any, explorer: ShapeModelExplorer, sigmas: Sequence[float]) -> Any:
+    """Warp the explorer surface ``node`` to ``sigmas`` (SD per mode), keeping its display."""
+    node.SetAndObservePolyData(mrml.polydata_lps_to_ras(_surface_polydata(explorer, sigmas)))
+    return node
+
+
+def show_explorer(
+    scene: Any,
+    explorer: ShapeModelExplorer,
+    descriptor: Sequence[float] | None = None,
+    nodes: ExplorerNodes | None = None,
+) -> ExplorerNodes:
+    """The mean surface (coloured by displacement from the mean, fixed range so colours compare
+    while sliding), the variance-explained plot, and the subject's ``descriptor`` per mode."""
+    surface = mrml.in_scene(nodes.surface, scene) if nodes else None
+    surface = mrml.add_mesh_model(scene, _surface_polydata(explorer, []), "DeepSSM shape model", node=surface)
+    mrml.show_scalar_heatmap(
+        surface,
+        DISPLACEMENT_ARRAY,
+        "viridis",
+        scalar_range=(0.0, explorer.max_displacement()),
+        title="Distance to mean (mm)",
+    )
+    ratios = explorer.variance_explained
+    shown = min(len(ratios), 10)
+    modes = [float(k + 1) for k in range(shown)]
+    variance_table = mrml.in_scene(nodes.variance_table, scene) if nodes else None
+    variance_table = variance_table or scene.AddNewNodeByClass(
+        "vtkMRMLTableNode", "DeepSSM variance explained"
+    )
+    mrml.update_table(
+        variance_table,
+        {
+            "mode": modes,
+            "variance explained (%)": (100.0 * ratios[:shown]).tolist(),
+            "cumulative (%)": (100.0 * np.cumsum(ratios)[:shown]).tolist(),
+        },
+    )
+    variance_chart = mrml.plot_chart(
+        scene,
+        "DeepSSM variance explained",
+        "mode",
+        ["variance explained (%)", "cumulative (%)"],
+        title="Variance explained per mode",
+        y_label="%",
+        table=variance_table,
+    ).chart
+    out = ExplorerNodes(surface, variance_table, variance_chart)
+    if descriptor is not None and len(descriptor) >= explorer.n_modes:
+        z = explorer.descriptor_sigmas(descriptor)
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", "DeepSSM subject on modes")
+        k = [float(i + 1) for i in range(explorer.n_modes)]
+        mrml.update_table(
+            table,
+            {
+                "mode": k,
+                "subject (SD)": z.tolist(),
+                "-3 SD": [-SIGMA_LIMIT] * explorer.n_modes,
+                "+3 SD": [SIGMA_LIMIT] * explorer.n_modes,
+            },
+        )
+        chart = mrml.plot_chart(
+            scene,
+            "DeepSSM subject on modes",
+            "mode",
+            ["subject (SD)", "-3 SD", "+3 SD"],
+            title="Predicted subject on each mode's range",
+            y_label="standard deviations",
+            table=table,
+        )
+        import slicer
+
+        marker = chart.series["subject (SD)"]
+        marker.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+        marker.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleNone)
+        out.subject_table, out.subject_chart = table, chart.chart
+    return out
