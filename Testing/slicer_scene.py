@@ -313,6 +313,61 @@ def render_demo_png(path: Path, work_dir: Path, size=(960, 640)) -> Path:
         view.close()
 
 
+def demo_bundle() -> Path:
+    """The shipped demo bundle (SHA256-checked)."""
+    from DeepSSMLib.bundles import verified_sample_file
+
+    return verified_sample_file("bundle", DEMO_MANIFEST)
+
+
+def render_explorer_png(path: Path, bundle: Path | None = None, mode: int = 1, size=(1080, 400)) -> Path:
+    """The shape-model explorer of ``bundle`` (default: the demo bundle) along ``mode``: the
+    template warped to -3 SD, the mean and +3 SD, side by side (each moved along R by the
+    explorer's own layout offset), coloured by the distance to the mean with one legend."""
+    import slicer
+    import vtk
+
+    from DeepSSMLib import explorer as ex
+    from DeepSSMLib import mrml
+
+    ctx = make_scene()
+    view = OffscreenThreeDView(ctx, size)
+    try:
+        exp = ex.ShapeModelExplorer(ex.load_shape_model(bundle or demo_bundle()))
+        nodes = ex.show_explorer(ctx.scene, exp)
+        extent = float(np.ptp(exp.mean_vertices, axis=0).max())
+        step = 1.25 * extent
+        surfaces = []
+        for i, sd in enumerate((-3.0, 0.0, 3.0)):
+            sigmas = [0.0] * exp.n_modes
+            sigmas[mode - 1] = sd
+            if i == 1:
+                node = nodes.surface
+            else:
+                node = mrml.add_mesh_model(ctx.scene, ex._surface_polydata(exp, []), f"explorer {sd:+.0f} SD")
+                mrml.show_scalar_heatmap(
+                    node, ex.DISPLACEMENT_ARRAY, "viridis", scalar_range=(0.0, exp.max_displacement())
+                )
+                node.GetDisplayNode().SetScalarVisibility(True)
+            ex.update_surface(node, exp, sigmas)
+            shift = ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", f"explorer offset {i}")
+            m = vtk.vtkMatrix4x4()
+            m.SetElement(0, 3, (i - 1) * step)
+            shift.SetMatrixTransformToParent(m)
+            node.SetAndObserveTransformNodeID(shift.GetID())
+            surfaces.append(node)
+        for legend in slicer.util.getNodesByClass("vtkMRMLColorLegendDisplayNode"):
+            legend.SetVisibility(legend.GetDisplayableNode() is nodes.surface)
+        centre = mrml.lps_to_ras(exp.mean_vertices.mean(axis=0)[None])[0]
+        view.set_camera(
+            position=tuple(centre + np.array([0.0, -3.9 * extent, 0.35 * extent])),
+            focal_point=tuple(centre),
+        )
+        return view.capture(path)
+    finally:
+        view.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write docs/screenshot.png: the real demo prediction when the demo is present, else the
     synthetic result scene (``--synthetic`` forces the latter)."""

@@ -162,9 +162,10 @@ class ShapeModelExplorer:
         return self.source.model.reconstruct(w)
 
     def max_displacement(self) -> float:
-        """Largest vertex displacement (mm) any slider setting can produce: the heatmap range."""
-        per_vertex = np.abs(self.mode_fields).sum(axis=0) * SIGMA_LIMIT  # bound of Σ|w_k d_k|
-        return float(np.linalg.norm(per_vertex, axis=1).max()) or 1.0
+        """Largest vertex displacement (mm) of one mode at ±3 SD: the fixed heatmap range, so a
+        colour means the same distance whatever the sliders (combined modes may saturate)."""
+        per_mode = np.linalg.norm(self.mode_fields, axis=2).max(axis=1) * SIGMA_LIMIT
+        return float(per_mode.max()) or 1.0
 
     def descriptor_sigmas(self, descriptor: Sequence[float]) -> np.ndarray:
         """A PCA descriptor (scores in mm) in standard deviations of the leading modes ``(n_modes,)``."""
