@@ -326,7 +326,6 @@ def render_explorer_png(path: Path, bundle: Path | None = None, mode: int = 1, s
     explorer's own layout offset), coloured by the distance to the mean with one legend."""
     import slicer
     import vtk
-
     from DeepSSMLib import explorer as ex
     from DeepSSMLib import mrml
 
