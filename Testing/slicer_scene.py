@@ -1,8 +1,9 @@
 """Headless MRML scene + offscreen 3D render for the Slicer-side tests (needs slicer-core).
 
-Also a script: ``python Testing/slicer_scene.py [docs/screenshot.png]`` renders the synthetic
-result scene (volume slice, predicted particles, error heatmap on the surface, colour legend)
-that the README shows; ``test_slicer_render.py`` renders the very same scene.
+Also a script: ``python Testing/slicer_scene.py [docs/screenshot.png [docs/explorer.png]]`` renders
+the README's pictures: the demo prediction (volume slice, predicted particles, error heatmap on the
+semi-transparent surface, colour legend) and the shape-model explorer of the demo bundle;
+``test_slicer_render.py`` and ``test_slicer_explorer.py`` render the same scenes.
 """
 
 from __future__ import annotations
@@ -322,8 +323,8 @@ def demo_bundle() -> Path:
 
 def render_explorer_png(path: Path, bundle: Path | None = None, mode: int = 1, size=(1080, 400)) -> Path:
     """The shape-model explorer of ``bundle`` (default: the demo bundle) along ``mode``: the
-    template warped to -3 SD, the mean and +3 SD, side by side (each moved along R by the
-    explorer's own layout offset), coloured by the distance to the mean with one legend."""
+    template warped to -3 SD, the mean and +3 SD, side by side (moved apart along R by parent
+    transforms), coloured by the distance to the mean (one shared range, one legend)."""
     import slicer
     import vtk
     from DeepSSMLib import explorer as ex
@@ -343,7 +344,7 @@ def render_explorer_png(path: Path, bundle: Path | None = None, mode: int = 1, s
             if i == 1:
                 node = nodes.surface
             else:
-                node = mrml.add_mesh_model(ctx.scene, ex._surface_polydata(exp, []), f"explorer {sd:+.0f} SD")
+                node = mrml.add_mesh_model(ctx.scene, ex.surface_polydata(exp, []), f"explorer {sd:+.0f} SD")
                 mrml.show_scalar_heatmap(
                     node, ex.DISPLACEMENT_ARRAY, "viridis", scalar_range=(0.0, exp.max_displacement())
                 )
@@ -368,14 +369,16 @@ def render_explorer_png(path: Path, bundle: Path | None = None, mode: int = 1, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write docs/screenshot.png: the real demo prediction when the demo is present, else the
-    synthetic result scene (``--synthetic`` forces the latter)."""
+    """Write the README's pictures: docs/screenshot.png (the real demo prediction when the demo is
+    present, else the synthetic result scene; ``--synthetic`` forces the latter) and, with the demo,
+    docs/explorer.png (the demo bundle's shape-model explorer along mode 1)."""
     import tempfile
 
     args = sys.argv[1:] if argv is None else argv
     synthetic = "--synthetic" in args
     paths = [a for a in args if not a.startswith("--")]
     target = Path(paths[0]) if paths else REPO / "docs" / "screenshot.png"
+    explorer_target = Path(paths[1]) if len(paths) > 1 else REPO / "docs" / "explorer.png"
     demo = DEMO_MANIFEST.is_file()
     with tempfile.TemporaryDirectory() as tmp:
         if demo and not synthetic:
@@ -383,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             render_result_png(target, Path(tmp))
     print(target)
+    if demo:
+        print(render_explorer_png(explorer_target))
     return 0
 
 

@@ -193,3 +193,14 @@ def test_heatmap_render_spans_the_colour_map_despite_an_outlier(tmp_path):
     assert yellow.sum() > 0.01 * total and purple.sum() > 0.01 * total
     ys, yp = np.flatnonzero(yellow.any(axis=1)), np.flatnonzero(purple.any(axis=1))
     assert ys.mean() < yp.mean(), "high values (top, +S) must be yellow, low values purple"
+
+
+def test_readme_shows_the_rendered_explorer():
+    shot = ss.REPO / "docs" / "explorer.png"
+    assert shot.is_file(), "run `python Testing/slicer_scene.py` to write docs/explorer.png"
+    img = _rgb(shot)
+    fg = _foreground(img)
+    fg[: int(0.27 * img.shape[0])] = False
+    fg[:, int(0.82 * img.shape[1]) :] = False
+    assert len(_blobs(fg)) == 3, "docs/explorer.png must show -3 SD, the mean and +3 SD"
+    assert "docs/explorer.png" in (ss.REPO / "README.md").read_text(encoding="utf-8")

@@ -191,7 +191,7 @@ class ExplorerNodes:
     subject_chart: Any | None = None
 
 
-def _surface_polydata(explorer: ShapeModelExplorer, sigmas: Sequence[float]) -> Any:
+def surface_polydata(explorer: ShapeModelExplorer, sigmas: Sequence[float]) -> Any:
     from vtk.util import numpy_support as ns
 
     from DeepSSMLogic import io
@@ -207,7 +207,7 @@ def _surface_polydata(explorer: ShapeModelExplorer, sigmas: Sequence[float]) -> 
 
 def update_surface(node: Any, explorer: ShapeModelExplorer, sigmas: Sequence[float]) -> Any:
     """Warp the explorer surface ``node`` to ``sigmas`` (SD per mode), keeping its display."""
-    node.SetAndObservePolyData(mrml.polydata_lps_to_ras(_surface_polydata(explorer, sigmas)))
+    node.SetAndObservePolyData(mrml.polydata_lps_to_ras(surface_polydata(explorer, sigmas)))
     return node
 
 
@@ -220,7 +220,7 @@ def show_explorer(
     """The mean surface (coloured by displacement from the mean, fixed range so colours compare
     while sliding), the variance-explained plot, and the subject's ``descriptor`` per mode."""
     surface = mrml.in_scene(nodes.surface, scene) if nodes else None
-    surface = mrml.add_mesh_model(scene, _surface_polydata(explorer, []), "DeepSSM shape model", node=surface)
+    surface = mrml.add_mesh_model(scene, surface_polydata(explorer, []), "DeepSSM shape model", node=surface)
     mrml.show_scalar_heatmap(
         surface,
         DISPLACEMENT_ARRAY,

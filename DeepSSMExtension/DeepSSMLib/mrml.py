@@ -451,7 +451,7 @@ def surface_to_segmentation(
     return node
 
 
-def show_surface_over_slices(model_node: Any, opacity: float = 0.6) -> None:
+def show_surface_over_slices(model_node: Any, opacity: float = 0.7) -> None:
     """Semi-transparent in 3D (the image slices show through) and drawn as an outline in the
     slice views, so the prediction can be checked against the image."""
     display = model_node.GetDisplayNode()
