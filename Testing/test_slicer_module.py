@@ -276,3 +276,31 @@ def test_severity_table_switches_to_a_layout_with_a_table_view(ctx):
 def test_module_icon_is_found_in_the_source_tree_layout():
     icon = install.module_icon_path()
     assert icon is not None and icon.is_file() and icon.name == "DeepSSM.png"
+
+
+@pytest.mark.slow
+def test_in_slicer_self_test_body_runs_headless_on_the_controller(tmp_path):
+    """DeepSSMTest's body (DeepSSMExtension/Testing/DeepSSMSelfTest.py) with the Qt-free controller
+    as the logic and the real worker (CPU): demo load, explorer, prediction, subject on the modes."""
+    import importlib.util
+    import unittest
+
+    pytest.importorskip("torch")
+    ctx = ss.make_scene()
+    spec = importlib.util.spec_from_file_location(
+        "DeepSSMSelfTest", ss.REPO / "DeepSSMExtension" / "Testing" / "DeepSSMSelfTest.py"
+    )
+    body = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(body)
+
+    class Case(unittest.TestCase):
+        def runTest(self):  # pragma: no cover - not run by unittest here
+            pass
+
+        def delayDisplay(self, message):
+            pass
+
+    def logic():
+        return ctl.DeepSSMController(scene=lambda: ctx.scene, recent_store=tmp_path / "recent.json")
+
+    body.run_all(Case(), logic)

@@ -50,18 +50,37 @@ def test_prediction_on_demo(case, logic, volume, truth, bundle):
     case.assertIsNotNone(nodes.surface.GetPolyData().GetPointData().GetArray("error_mm"))
     case.assertIn("error_mm", nodes.legends)
     case.assertGreater(nodes.descriptor.GetTable().GetNumberOfRows(), 0)
+    case.assertEqual(nodes.segmentation.GetSegmentation().GetNumberOfSegments(), 1)
+    case.assertEqual(nodes.values.GetTable().GetNumberOfRows(), n)
     sh = slicer.mrmlScene.GetSubjectHierarchyNode()
     parent = sh.GetItemParent(sh.GetItemByDataNode(volume))
     for node in (nodes.particles, nodes.surface, nodes.descriptor):
         case.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), parent)
 
 
+def test_shape_model_explorer(case, logic, bundle):
+    explorer = logic.showShapeModel(bundle)
+    surface = logic.explorerNodes.surface
+    before = slicer.util.arrayFromModelPoints(surface).copy()
+    logic.warpShapeModel([3.0, 0.0, 0.0])
+    moved = np.abs(slicer.util.arrayFromModelPoints(surface) - before).max()
+    case.assertGreater(moved, 0.1, "mode 1 at +3 SD must move the mean surface")
+    case.assertEqual(explorer.n_modes, 3)
+    if logic.explorerNodes.subject_table is not None:  # after a PCA prediction
+        case.assertEqual(logic.explorerNodes.subject_table.GetTable().GetNumberOfRows(), 3)
+
+
 def run_all(case, logic_class) -> None:
     case.delayDisplay("DeepSSM: loading the demo data")
     logic, volume, truth, bundle = test_demo_data_loads(case, logic_class)
+    case.delayDisplay("DeepSSM: shape-model explorer of the demo bundle (no torch needed)")
+    test_shape_model_explorer(case, logic, bundle)
     if importlib.util.find_spec("torch") is None:
         case.delayDisplay("DeepSSM: torch is not installed (PyTorch extension); prediction test skipped")
         return
     case.delayDisplay("DeepSSM: predicting with the demo bundle")
     test_prediction_on_demo(case, logic, volume, truth, bundle)
+    case.delayDisplay("DeepSSM: the predicted subject on the explorer's modes")
+    test_shape_model_explorer(case, logic, bundle)
+    case.assertIsNotNone(logic.explorerNodes.subject_table)
     case.delayDisplay("DeepSSM: test passed")
