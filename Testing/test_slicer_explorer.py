@@ -98,6 +98,13 @@ def test_explorer_nodes_variance_plot_and_subject_marks(explorer):
     assert subject["-3 SD"] == [-3.0] * 3 and subject["+3 SD"] == [3.0] * 3
     legend = ctx.scene.GetFirstNodeByClass("vtkMRMLColorLegendDisplayNode")
     assert legend.GetTitleText() == "Distance to mean (mm)"
+    # showing it again (another subject) updates the same nodes instead of piling up charts
+    again = ex.show_explorer(ctx.scene, explorer, descriptor * 0.5, nodes)
+    assert again.surface is nodes.surface and again.subject_table is nodes.subject_table
+    assert again.variance_chart is nodes.variance_chart and again.subject_chart is nodes.subject_chart
+    assert ctx.scene.GetNodesByClass("vtkMRMLPlotChartNode").GetNumberOfItems() == 2
+    assert ctx.scene.GetNodesByClass("vtkMRMLPlotSeriesNode").GetNumberOfItems() == 5
+    np.testing.assert_allclose(mrml.table_columns(nodes.subject_table)["subject (SD)"], np.asarray(z) / 2)
     # surface points are RAS
     ras = ns.vtk_to_numpy(nodes.surface.GetPolyData().GetPoints().GetData())
     np.testing.assert_allclose(ras, mrml.lps_to_ras(explorer.mean_vertices), atol=1e-5)

@@ -211,6 +211,22 @@ def update_surface(node: Any, explorer: ShapeModelExplorer, sigmas: Sequence[flo
     return node
 
 
+def _table(scene: Any, existing: Any, name: str, columns: dict[str, list[float]]) -> Any:
+    table = mrml.in_scene(existing, scene) or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    return mrml.update_table(table, columns)
+
+
+def _chart(
+    scene: Any, existing: Any, table: Any, name: str, y_columns: list[str], title: str, y_label: str
+) -> Any:
+    """The chart ``existing`` if still in the scene (its series follow the updated table), else a
+    new one: showing the explorer again does not pile up charts."""
+    chart = mrml.in_scene(existing, scene)
+    if chart is not None:
+        return chart
+    return mrml.plot_chart(scene, name, "mode", y_columns, title=title, y_label=y_label, table=table)
+
+
 def show_explorer(
     scene: Any,
     explorer: ShapeModelExplorer,
@@ -218,9 +234,14 @@ def show_explorer(
     nodes: ExplorerNodes | None = None,
 ) -> ExplorerNodes:
     """The mean surface (coloured by displacement from the mean, fixed range so colours compare
-    while sliding), the variance-explained plot, and the subject's ``descriptor`` per mode."""
-    surface = mrml.in_scene(nodes.surface, scene) if nodes else None
-    surface = mrml.add_mesh_model(scene, surface_polydata(explorer, []), "DeepSSM shape model", node=surface)
+    while sliding), the variance-explained plot (bars per mode, cumulative line) and the subject's
+    PCA ``descriptor`` in SD on each mode's ±3 SD range. Reuses ``nodes`` still in the scene."""
+    import slicer
+
+    old = nodes or ExplorerNodes(None, None, None)
+    surface = mrml.add_mesh_model(
+        scene, surface_polydata(explorer, []), "DeepSSM shape model", node=mrml.in_scene(old.surface, scene)
+    )
     mrml.show_scalar_heatmap(
         surface,
         DISPLACEMENT_ARRAY,
@@ -230,55 +251,56 @@ def show_explorer(
     )
     ratios = explorer.variance_explained
     shown = min(len(ratios), 10)
-    modes = [float(k + 1) for k in range(shown)]
-    variance_table = mrml.in_scene(nodes.variance_table, scene) if nodes else None
-    variance_table = variance_table or scene.AddNewNodeByClass(
-        "vtkMRMLTableNode", "DeepSSM variance explained"
-    )
-    mrml.update_table(
-        variance_table,
+    variance_table = _table(
+        scene,
+        old.variance_table,
+        "DeepSSM variance explained",
         {
-            "mode": modes,
+            "mode": [float(k + 1) for k in range(shown)],
             "variance explained (%)": (100.0 * ratios[:shown]).tolist(),
             "cumulative (%)": (100.0 * np.cumsum(ratios)[:shown]).tolist(),
         },
     )
-    variance_chart = mrml.plot_chart(
+    variance = _chart(
         scene,
+        old.variance_chart,
+        variance_table,
         "DeepSSM variance explained",
-        "mode",
         ["variance explained (%)", "cumulative (%)"],
-        title="Variance explained per mode",
-        y_label="%",
-        table=variance_table,
-    ).chart
-    out = ExplorerNodes(surface, variance_table, variance_chart)
-    if descriptor is not None and len(descriptor) >= explorer.n_modes:
-        z = explorer.descriptor_sigmas(descriptor)
-        table = scene.AddNewNodeByClass("vtkMRMLTableNode", "DeepSSM subject on modes")
-        k = [float(i + 1) for i in range(explorer.n_modes)]
-        mrml.update_table(
-            table,
-            {
-                "mode": k,
-                "subject (SD)": z.tolist(),
-                "-3 SD": [-SIGMA_LIMIT] * explorer.n_modes,
-                "+3 SD": [SIGMA_LIMIT] * explorer.n_modes,
-            },
-        )
-        chart = mrml.plot_chart(
-            scene,
-            "DeepSSM subject on modes",
-            "mode",
-            ["subject (SD)", "-3 SD", "+3 SD"],
-            title="Predicted subject on each mode's range",
-            y_label="standard deviations",
-            table=table,
-        )
-        import slicer
-
-        marker = chart.series["subject (SD)"]
+        "Variance explained per mode",
+        "%",
+    )
+    if isinstance(variance, mrml.Chart):
+        variance.series["variance explained (%)"].SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
+        variance = variance.chart
+    out = ExplorerNodes(surface, variance_table, variance)
+    if descriptor is None or len(descriptor) < explorer.n_modes:
+        return out
+    n = explorer.n_modes
+    out.subject_table = _table(
+        scene,
+        old.subject_table,
+        "DeepSSM subject on modes",
+        {
+            "mode": [float(k + 1) for k in range(n)],
+            "subject (SD)": explorer.descriptor_sigmas(descriptor).tolist(),
+            "-3 SD": [-SIGMA_LIMIT] * n,
+            "+3 SD": [SIGMA_LIMIT] * n,
+        },
+    )
+    subject = _chart(
+        scene,
+        old.subject_chart,
+        out.subject_table,
+        "DeepSSM subject on modes",
+        ["subject (SD)", "-3 SD", "+3 SD"],
+        "Predicted subject on each mode's range",
+        "standard deviations",
+    )
+    if isinstance(subject, mrml.Chart):
+        marker = subject.series["subject (SD)"]
         marker.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
         marker.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleNone)
-        out.subject_table, out.subject_chart = table, chart.chart
+        subject = subject.chart
+    out.subject_chart = subject
     return out
