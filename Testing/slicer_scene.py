@@ -146,6 +146,36 @@ def write_fake_result(out_dir: Path, n_particles: int = 256) -> dict:
     }
 
 
+class ResultProcess:
+    """A worker stand-in: reads ``--out`` from the command line, writes a synthetic prediction
+    there (as ``worker.run_predict`` would) and reports it as the result line."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.done = False
+        self.args: list[str] = []
+
+    def start(self, args, env, cwd):
+        self.args = list(args)
+        out = Path(args[args.index("--out") + 1])
+        result = write_fake_result(out)
+        import json
+
+        self.lines = [json.dumps({"type": "result", **result})]
+
+    def read_lines(self):
+        lines, self.lines = self.lines, []
+        if not lines:
+            self.done = True
+        return lines
+
+    def poll(self):
+        return 0 if self.done else None
+
+    def kill_tree(self):
+        self.done = True
+
+
 def build_result_scene(ctx: SceneContext, work_dir: Path) -> dict[str, Any]:
     """Volume + the outputs of :func:`DeepSSMLib.mrml.show_prediction` for a synthetic result."""
     from DeepSSMLib import mrml

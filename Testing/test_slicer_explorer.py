@@ -211,3 +211,21 @@ def test_readme_shows_the_rendered_explorer():
     fg[:, int(0.82 * img.shape[1]) :] = False
     assert len(_blobs(fg)) == 3, "docs/explorer.png must show -3 SD, the mean and +3 SD"
     assert "docs/explorer.png" in (ss.REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_prediction_with_the_shown_bundle_marks_the_subject_on_the_modes(tmp_path):
+    ctx = ss.make_scene()
+    c = ctl.DeepSSMController(
+        scene=lambda: ctx.scene,
+        runner=rn.BackgroundRunner(process_factory=ss.ResultProcess),
+        recent_store=tmp_path / "r.json",
+    )
+    folder = tmp_path / "bundle"
+    shutil.unpack_archive(ss.demo_bundle(), folder, "zip")
+    exp = c.showShapeModel(str(folder))
+    assert c.explorerNodes.subject_table is None
+    volume = mrml.add_volume_from_sitk(ctx.scene, ss.ellipsoid_image(size=(16, 16, 16)), "img")
+    c.predictBlocking(volume, str(folder))
+    expected = np.asarray(c.lastPrediction["descriptor"][:3]) / exp.sigma
+    np.testing.assert_allclose(mrml.table_columns(c.explorerNodes.subject_table)["subject (SD)"], expected)
+    assert "subject" in c.explorerSummary()

@@ -7,7 +7,6 @@ scene, the nodes and the transforms are slicer-core's real ones.
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path
@@ -26,34 +25,6 @@ from DeepSSMLib import install, mrml  # noqa: E402
 from DeepSSMLib import runner as rn  # noqa: E402
 
 from DeepSSMLogic import io  # noqa: E402
-
-
-class ResultProcess:
-    """A worker stand-in: reads ``--out`` from the command line, writes a synthetic prediction
-    there (as ``worker.run_predict`` would) and reports it as the result line."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.done = False
-        self.args: list[str] = []
-
-    def start(self, args, env, cwd):
-        self.args = list(args)
-        out = Path(args[args.index("--out") + 1])
-        result = ss.write_fake_result(out)
-        self.lines = [json.dumps({"type": "result", **result})]
-
-    def read_lines(self):
-        lines, self.lines = self.lines, []
-        if not lines:
-            self.done = True
-        return lines
-
-    def poll(self):
-        return 0 if self.done else None
-
-    def kill_tree(self):
-        self.done = True
 
 
 class FailingProcess:
@@ -77,7 +48,7 @@ def ctx():
     return ss.make_scene()
 
 
-def _controller(ctx, tmp_path, process_factory=ResultProcess):
+def _controller(ctx, tmp_path, process_factory=ss.ResultProcess):
     c = ctl.DeepSSMController(
         scene=lambda: ctx.scene,
         runner=rn.BackgroundRunner(process_factory=process_factory),

@@ -255,6 +255,7 @@ class DeepSSMController:
             self.predictions.put(self._volume, nodes)
             self.lastPrediction = dict(result)
             self.recentBundles.add(self._bundle)
+            self._markSubjectOnExplorer()
             return nodes
         if result.get("kind") == "training":
             self.lastTrainedBundle = result["bundle"]
@@ -369,6 +370,19 @@ class DeepSSMController:
             descriptor = self.lastPrediction.get("descriptor") or None
         self.explorerNodes = explorer.show_explorer(self.scene, self.explorer, descriptor, self.explorerNodes)
         return self.explorer
+
+    def _markSubjectOnExplorer(self) -> None:
+        """After a PCA prediction with the bundle the explorer shows, mark the subject on its modes."""
+        from . import explorer
+
+        if self.explorer is None or self.explorerNodes is None or not self.lastPrediction:
+            return
+        if self.lastPrediction.get("descriptor_kind", "pca") != "pca" or not self._bundle:
+            return
+        if Path(self._bundle).resolve() != Path(self.explorer.source.path).resolve():
+            return
+        descriptor = self.lastPrediction.get("descriptor") or None
+        self.explorerNodes = explorer.show_explorer(self.scene, self.explorer, descriptor, self.explorerNodes)
 
     def warpShapeModel(self, sigmas: list[float]) -> None:
         """Move the explorer surface to ``sigmas`` (standard deviations per leading mode)."""
