@@ -404,7 +404,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _exact_fp32_convolutions(device: Any) -> Iterator[None]:
+def exact_fp32_convolutions(device: Any) -> Iterator[None]:
     """On CUDA, cuDNN convolutions in full fp32 for the duration (TF32, PyTorch's default there,
     keeps 10 mantissa bits and moved particles by up to 2e-2 mm in a CPU emulation); elsewhere a no-op.
     Prediction is one or a few volumes, so exactness (CUDA equals CPU within 1e-3 mm) wins."""
@@ -497,7 +497,7 @@ class Predictor:
         x = x.to(device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.inference_mode(), _exact_fp32_convolutions(device):
+        with torch.inference_mode(), exact_fp32_convolutions(device):
             return net(x)
 
     # -- input handling ---------------------------------------------------------------------------
