@@ -5,8 +5,9 @@ Marked ``cuda`` and skipped without a CUDA device, so the quick suite and CI (no
 torch/numpy/scipy; the full-``Predictor`` test also needs SimpleITK and is skipped without it.
 
 Tolerances (stated here, asserted below):
-* training, fp32 with TF32 off, 3 epochs of Adam: per-epoch loss within 1e-3 relative, weights within
-  1e-3 absolute of the CPU run; bf16 autocast + channels_last_3d: every loss finite, the last epoch's
+* training, fp32 with TF32 off, 3 epochs of Adam: per-epoch loss and validation RMSE within 1e-3
+  relative, every weight tensor within 1e-3 (relative norm of the difference), the two trained
+  networks' particles within 1e-2 mm of each other; bf16 autocast + channels_last_3d: every loss finite, the last epoch's
   training loss at most 0.7x the first;
 * prediction (the predictor's own forward: channels_last_3d, inference_mode, convolutions in full
   fp32), particles within 1e-3 mm of the CPU;
@@ -100,9 +101,22 @@ def test_training_fp32_cuda_matches_cpu(tmp_path):
     for a, b in zip(cpu.history, gpu.history):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-3), (a, b)
         assert math.isclose(a["val_rmse_mm"], b["val_rmse_mm"], rel_tol=1e-3), (a, b)
+    # relative size of the weight difference per tensor (a max over single weights is not robust: Adam
+    # moves a weight whose gradient is ~0 by ±lr whatever the sign of the rounding noise)
     sa, sb = cpu.model.state_dict(), gpu.model.state_dict()
-    worst = max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].is_floating_point())
-    assert worst < 1e-3, f"weights after 3 epochs differ by {worst:.2e} between CPU and CUDA"
+    rel = {
+        k: float((sa[k].double() - sb[k].double()).norm() / sa[k].double().norm().clamp_min(1e-12))
+        for k in sa
+        if sa[k].is_floating_point() and sa[k].numel() > 1
+    }
+    worst = max(rel, key=rel.get)
+    assert rel[worst] < 1e-3, (
+        f"{worst}: CPU and CUDA weights differ by {rel[worst]:.2e} (relative) after 3 epochs"
+    )
+    images = torch.from_numpy(np.stack([im for im, _ in sphere_set(8, seed=2)]))
+    with torch.no_grad():
+        dev_mm = float((cpu.model(images)[1] - gpu.model(images)[1]).abs().max())
+    assert dev_mm < 1e-2, f"the CPU- and CUDA-trained networks predict {dev_mm:.2e} mm apart"
 
 
 def test_training_bf16_channels_last_is_finite_and_converges(tmp_path):
