@@ -53,7 +53,14 @@ from _common import best_time, sync
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DeepSSMLogic.augment.tps import fit_warp, resample, sampling_deviation, sampling_positions
+from DeepSSMLogic.augment.tps import (
+    DEFAULT_BAND,
+    DEFAULT_COARSE,
+    fit_warp,
+    resample,
+    sampling_deviation,
+    sampling_positions,
+)
 from DeepSSMLogic.fileutil import atomic_write_json, atomic_write_text
 from DeepSSMLogic.losses import correspondence_l2
 from DeepSSMLogic.networks import BaseDeepSSM
@@ -447,7 +454,7 @@ def _landmark_pairs(sizes: Sizes) -> tuple[Any, np.ndarray, np.ndarray]:
 def _warp(grid: Any, src: np.ndarray, tgt: np.ndarray, images: torch.Tensor, coarse: int) -> torch.Tensor:
     """One batched augmentation warp as write_augmented_set does it: fit, sampling positions, resample."""
     spline = fit_warp(src, tgt, device=images.device)
-    return resample(images, grid, sampling_positions(spline, grid, coarse=coarse))
+    return resample(images, grid, sampling_positions(spline, grid, coarse=coarse, band=DEFAULT_BAND))
 
 
 def time_tps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
@@ -457,7 +464,11 @@ def time_tps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
     fast_dev = None
     for label, coarse, batch in (
         ("exact spline (coarse=1)", 1, sizes.batch_tps_ref),
-        ("ours: fast path (coarse=4, band=2)", 4, sizes.batch_tps),
+        (
+            f"ours: fast path (coarse={DEFAULT_COARSE}, band={DEFAULT_BAND:g})",
+            DEFAULT_COARSE,
+            sizes.batch_tps,
+        ),
     ):
         _reset_peak(device)
         pick = np.arange(batch) % 4
@@ -466,7 +477,7 @@ def time_tps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
         t = best_time(partial(_warp, grid, src4[pick], tgt4[pick], images, coarse), device, sizes.repeats)
         if coarse > 1:
             spline = fit_warp(src4, tgt4, device=device)
-            fast_dev = sampling_deviation(spline, grid, coarse=coarse)
+            fast_dev = sampling_deviation(spline, grid, coarse=coarse, band=DEFAULT_BAND)
         rows.append(
             {
                 "path": label,
