@@ -15,10 +15,11 @@ a 4x4 homogeneous matrix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,9 +364,15 @@ def run_batched(
         x = torch.from_numpy(np.ascontiguousarray(inputs[i : i + bs]))
         try:
             d, p = forward(x, device)
-        except torch.cuda.OutOfMemoryError:
-            if device.type == "cpu":
+        except RuntimeError as err:
+            if device.type == "cpu" or not is_out_of_memory(err):
                 raise
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:
+            # outside the except clause: the failed batch's tensors (held by the traceback) are
+            # released, so the cache can actually be emptied before the retry
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if bs > 1:
@@ -382,6 +389,36 @@ def run_batched(
         parts.append(np.asarray(p.detach().float().cpu().numpy(), dtype=np.float64))
         i += x.shape[0]
     return np.concatenate(descs), np.concatenate(parts), device
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for a GPU out-of-memory error: ``torch.cuda.OutOfMemoryError`` from the caching allocator,
+    or the plain ``RuntimeError`` that cuBLAS / cuDNN / the CUDA runtime raise when their own
+    allocation fails ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", ...)."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return "out of memory" in text.lower() or "ALLOC_FAILED" in text
+
+
+@contextlib.contextmanager
+def exact_fp32_convolutions(device: Any) -> Iterator[None]:
+    """On CUDA, cuDNN convolutions in full fp32 for the duration (TF32, PyTorch's default there,
+    keeps 10 mantissa bits and moved particles by up to 2e-2 mm in a CPU emulation); elsewhere a no-op.
+    Prediction is one or a few volumes, so exactness (CUDA equals CPU within 1e-3 mm) wins."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def resolve_device(device: str | Any = "auto") -> Any:
@@ -460,7 +497,7 @@ class Predictor:
         x = x.to(device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_fp32_convolutions(device):
             return net(x)
 
     # -- input handling ---------------------------------------------------------------------------

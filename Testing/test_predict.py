@@ -204,6 +204,34 @@ def test_oom_on_cpu_is_not_swallowed():
         run_batched(fwd, np.zeros((1, 1, 2, 2, 2), np.float32), 1, torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    "message",
+    ["CUDA error: out of memory", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"],
+)
+def test_oom_raised_as_plain_runtime_error_is_handled(message):
+    # cuBLAS / cuDNN / the CUDA runtime report their own failed allocations as a plain RuntimeError
+    calls = []
+
+    def fwd(x, device):
+        calls.append((device.type, x.shape[0]))
+        if device.type == "cuda" and x.shape[0] > 1:
+            raise RuntimeError(message)
+        return x.reshape(x.shape[0], -1)[:, :1], x.reshape(x.shape[0], 1, -1)[:, :, :3]
+
+    x = np.random.default_rng(0).random((3, 1, 2, 2, 2)).astype(np.float32)
+    d, _p, dev = run_batched(fwd, x, 4, torch.device("cuda"))
+    assert dev.type == "cuda" and calls[:3] == [("cuda", 3), ("cuda", 2), ("cuda", 1)]
+    assert np.allclose(d[:, 0], x[:, 0, 0, 0, 0])
+
+
+def test_other_runtime_errors_on_the_gpu_are_not_swallowed():
+    def fwd(x, device):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        run_batched(fwd, np.zeros((2, 1, 2, 2, 2), np.float32), 2, torch.device("cuda"))
+
+
 def test_predictor_falls_back_to_cpu_end_to_end(bundle):
     p = Predictor(bundle, device="cpu", align=False)
     reference = p.predict(phantom_image(seed=1)).particles
