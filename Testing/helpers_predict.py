@@ -87,11 +87,12 @@ def reference_grid_for_phantom() -> Grid:
     return Grid((-22.0, -18.0, -16.0), (2.0, 2.0, 2.0), (23, 19, 17))
 
 
-def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64) -> Path:
-    """An untrained Base-DeepSSM bundle on a 23×19×17 grid (2 mm); PCA from scaled phantoms."""
+def tiny_bundle_parts(seed: int = 0, n_particles: int = 64):
+    """What :func:`make_tiny_bundle` saves: ``(network (eval mode), shape_model, grid, reference image,
+    normaliser)``. The network is built right after ``torch.manual_seed(seed)`` (nothing else draws
+    from torch's generator), so two calls with one seed give identical weights."""
     import torch
 
-    torch.manual_seed(seed)
     grid = reference_grid_for_phantom()
     base = phantom_particles(n_particles)
     scales = np.linspace(0.85, 1.15, 6)
@@ -103,9 +104,16 @@ def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64) -> Path:
     ref_img.SetOrigin(grid.origin)
     ref_img.SetSpacing(grid.spacing)
     normalizer = IntensityNormalizer.fit(ref_arr[None])
+    torch.manual_seed(seed)
     net = BaseDeepSSM(
         grid.shape_zyx, 3, sm.mean, sm.components, sm.score_mean, sm.score_std, conv_padding="same"
     ).eval()
+    return net, sm, grid, ref_img, normalizer
+
+
+def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64) -> Path:
+    """An untrained Base-DeepSSM bundle on a 23×19×17 grid (2 mm); PCA from scaled phantoms."""
+    net, sm, grid, ref_img, normalizer = tiny_bundle_parts(seed, n_particles)
     return save_bundle(
         path,
         net,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import time
 from itertools import product
 from pathlib import Path
 
@@ -233,24 +232,16 @@ def test_atrium_orientation_bimodal_and_outcome_tied_to_sphericity():
 
 # -- sizes, speed, templates ---------------------------------------------------------------------------
 def test_paper_size_118_69_88():
-    t = time.perf_counter()
+    # speed (< 3 s here, < 1 s at 64³) is measured by benchmarks/bench_synthetic.py, not asserted
     s = S.make_subject("atrium", np.random.default_rng(3), image_size=(118, 69, 88), spacing=1.25)
-    elapsed = time.perf_counter() - t
     assert s.image.shape == (88, 69, 118) and s.segmentation.shape == (88, 69, 118)
     assert s.grid.spacing == (1.25, 1.25, 1.25)
     assert np.all(s.grid.contains(s.vertices, margin_voxels=-3.0))
     assert s.segmentation.sum() > 1000
-    assert elapsed < 3.0
     paper = S.make_grid((118, 69, 88), 1.25)
     for family in FAMILIES:
         v, _, _ = S.make_shape(family, S.template_params(family), grid=paper)
         assert np.all(paper.contains(v, margin_voxels=-3.0)), family
-
-
-def test_one_subject_well_under_a_second(subjects):
-    t = time.perf_counter()
-    S.make_subject("cranium", np.random.default_rng(5))
-    assert time.perf_counter() - t < 1.0
 
 
 def test_mean_subject_is_the_template_and_particle_count_option():

@@ -81,14 +81,15 @@ def _prediction_fields(
     return particles, descriptor, kind, alignment, timings
 
 
-def _normal_model(bundle: Any, normal_files: Sequence[str]) -> Any | None:
-    """The normal-population PPCA: from ``--normal-particles`` files, else the bundle's own."""
-    if normal_files:
-        from DeepSSMLogic import io
-        from DeepSSMLogic.analysis.severity import fit_normal_model
+def _normal_model(normal_files: Sequence[str]) -> Any | None:
+    """The normal-population PPCA fitted on the ``--normal-particles`` files; None without them (a
+    bundle carries no normal model: its PCA is of the whole training cohort), so no severity."""
+    if not normal_files:
+        return None
+    from DeepSSMLogic import io
+    from DeepSSMLogic.analysis.severity import fit_normal_model
 
-        return fit_normal_model(np.stack([io.read_particles(f) for f in normal_files]))
-    return getattr(bundle, "normal_model", None)
+    return fit_normal_model(np.stack([io.read_particles(f) for f in normal_files]))
 
 
 def run_predict(args: argparse.Namespace, progress: ProgressCallback, stream: TextIO) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def run_predict(args: argparse.Namespace, progress: ProgressCallback, stream: Te
         point_arrays[ERROR_ARRAY] = err
         stats.update(rmse_mm=float(np.sqrt(np.mean(err**2))), max_error_mm=float(err.max()))
     severity_score = None
-    normal = _normal_model(bundle, args.normal_particles or [])
+    normal = _normal_model(args.normal_particles or [])
     if normal is not None:
         from DeepSSMLogic.analysis.severity import severity
 
