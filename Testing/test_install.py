@@ -54,12 +54,14 @@ def _fake_slicer(monkeypatch, with_pip_ensure: bool) -> dict:
     calls: dict = {"pip_install": [], "pip_ensure": []}
     slicer = types.ModuleType("slicer")
     slicer.util = types.SimpleNamespace(pip_install=lambda reqs: calls["pip_install"].append(list(reqs)))
-    if with_pip_ensure:
-        slicer.packaging = types.SimpleNamespace(
-            load_requirements=lambda path: ("loaded", path),
-            pip_ensure=lambda reqs, requester: calls["pip_ensure"].append((reqs, requester)),
-        )
     monkeypatch.setitem(sys.modules, "slicer", slicer)
+    # ``import slicer.packaging`` finds a submodule through sys.modules, as Slicer's real one is.
+    monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
+    if with_pip_ensure:
+        packaging = types.ModuleType("slicer.packaging")
+        packaging.load_requirements = lambda path: ("loaded", path)
+        packaging.pip_ensure = lambda reqs, requester: calls["pip_ensure"].append((reqs, requester))
+        monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
     return calls
 
 
