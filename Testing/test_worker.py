@@ -102,6 +102,8 @@ def test_predict_heatmaps_equal_an_independent_computation(bundle_with_template,
     err = np.asarray(result["point_arrays"][worker.ERROR_ARRAY])
     np.testing.assert_allclose(err, np.linalg.norm(SHIFT), rtol=1e-9)
     assert result["stats"]["max_error_mm"] == pytest.approx(np.linalg.norm(SHIFT))
+    assert result["stats"]["rms_distance_mm"] == pytest.approx(np.linalg.norm(SHIFT))
+    assert result["stats"]["rmse_mm"] == pytest.approx(np.abs(SHIFT).mean())  # eq. 12, as `evaluate`
     verts, err_v = _mesh_array(Path(result["mesh"]), worker.ERROR_ARRAY)
     np.testing.assert_allclose(err_v, np.linalg.norm(SHIFT), rtol=1e-6)
     # severity: the worker's score and signed map are those of a PPCA of the normal files
