@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError, InputError
-from .fileutil import atomic_path, sha256_file
+from .fileutil import atomic_path, check_replace_target, is_bundle, save_torch, sha256_file
 from .geometry import Grid
 from .preprocess import IntensityNormalizer
 
@@ -135,6 +135,7 @@ def save_bundle(
     template_particles: np.ndarray | None = None,
     hyperparameters: dict[str, Any] | None = None,
     mean_particles: np.ndarray | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a bundle atomically to ``path`` (a directory, or a single file when it ends in .zip).
 
@@ -144,13 +145,13 @@ def save_bundle(
     or None with ``mean_particles`` given; ``reference_image``: a SimpleITK image or a path (the
     registration target, on ``reference_grid``); ``template_mesh``: vtkPolyData or a path
     (optional) whose corresponding points are ``template_particles`` (default: the mean shape).
-    Returns the bundle path.
+    An existing bundle at ``path`` is replaced; anything else is refused (a foreign file is
+    replaced with ``overwrite``; a foreign folder never). Returns the bundle path.
     """
-    import torch
-
     from . import io
 
     target = Path(path)
+    check_replace_target(target, is_bundle, "DeepSSM model bundle", overwrite=overwrite)
     if mean_particles is None:
         if shape_model is None:
             raise InputError("save_bundle: give a shape_model or mean_particles")
@@ -171,10 +172,10 @@ def save_bundle(
     state = network.state_dict() if hasattr(network, "state_dict") else dict(network)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
-    with atomic_path(target) as tmp:
+    with atomic_path(target, replace_dir=is_bundle) as tmp:
         work = Path(tempfile.mkdtemp(prefix=".bundle.", dir=tmp.parent)) if target.suffix == ".zip" else tmp
         work.mkdir(parents=True, exist_ok=True)
-        torch.save(state, work / WEIGHTS)
+        save_torch(state, work / WEIGHTS)
         if isinstance(reference_image, str | os.PathLike):
             reference_image = io.read_image(reference_image)
         io.write_image(reference_image, work / REFERENCE_IMAGE)
