@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import weakref
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .bundle_schema import validate_meta
 from .errors import BundleError, InputError
 from .fileutil import atomic_path, check_replace_target, is_bundle, save_torch, sha256_file
 from .geometry import Grid
@@ -217,17 +220,45 @@ def save_bundle(
 
 
 # -- loading --------------------------------------------------------------------------------------
-def _extract_zip(path: Path) -> Path:
+MAX_MODEL_JSON_BYTES = 64 << 20
+_CHUNK = 1 << 20
+
+
+def _entry_cap(name: str, meta: dict[str, Any]) -> int:
+    """Most bytes a bundle file can legitimately hold, from what model.json declares (a zip entry
+    declaring more is refused before anything is inflated: a zip bomb stays small)."""
+    voxels = math.prod(int(v) for v in meta["reference_grid"]["size"])
+    n = int(meta["n_particles"])
+    caps = {
+        MODEL_JSON: MAX_MODEL_JSON_BYTES,
+        REFERENCE_IMAGE: voxels * 8 + (1 << 20),  # float64 voxels, uncompressed, plus the header
+        MEAN_PARTICLES: n * 3 * 40 + 4096,  # "repr(float) " per coordinate
+        TEMPLATE_PARTICLES: n * 3 * 40 + 4096,
+        TEMPLATE_MESH: 1 << 30,
+        WEIGHTS: 4 << 30,
+    }
+    return caps[name]
+
+
+def _extract_zip(path: Path, meta: dict[str, Any]) -> Path:
+    """Extract the bundle's files into a new temporary folder, streaming each entry in 1 MiB blocks
+    with a size cap (:func:`_entry_cap`) and its sha256 checked against model.json as it streams;
+    peak memory is one block whatever the zip holds."""
     # only the known flat names are extracted, so a crafted zip cannot write outside ``tmp``
     tmp = Path(tempfile.mkdtemp(prefix="deepssm-bundle-"))
+    files = meta["files"]
     try:
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            unknown = [n for n in names if n not in (MODEL_JSON,) + KNOWN_FILES]
+            infos = zf.infolist()
+            unknown = [i.filename for i in infos if i.filename not in (MODEL_JSON,) + KNOWN_FILES]
             if unknown:
                 raise BundleError(f"{path}: unexpected entries in the bundle zip: {unknown}")
-            for n in names:
-                (tmp / n).write_bytes(zf.read(n))
+            for info in infos:
+                if info.filename == MODEL_JSON:
+                    continue
+                if info.filename not in files:
+                    raise BundleError(f"{path}: the zip holds {info.filename}, which model.json does not list")
+                _stream_entry(path, zf, info, _entry_cap(info.filename, meta), files[info.filename], tmp)
     except zipfile.BadZipFile as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BundleError(f"{path}: not a valid zip bundle ({e})") from None
@@ -235,6 +266,34 @@ def _extract_zip(path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
+
+
+def _stream_entry(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, digest: str, tmp: Path) -> None:
+    from .errors import format_bytes
+    from .fileutil import require_free_space
+
+    name = info.filename
+    if info.file_size > cap:
+        raise BundleError(
+            f"{path}: zip entry {name} declares {format_bytes(info.file_size)}, more than a bundle of this "
+            f"grid and particle count can hold ({format_bytes(cap)}); refusing to inflate it"
+        )
+    require_free_space(tmp, info.file_size, f"extracting {name} from {path.name}")
+    h = hashlib.sha256()
+    written = 0
+    with zf.open(info) as src, open(tmp / name, "wb") as dst:
+        while block := src.read(_CHUNK):
+            written += len(block)
+            if written > min(cap, info.file_size):
+                raise BundleError(f"{path}: zip entry {name} inflates beyond its declared size; refusing it")
+            h.update(block)
+            dst.write(block)
+    actual = h.hexdigest()
+    if actual != digest:
+        raise BundleError(
+            f"{path}: sha256 mismatch for {name} (expected {digest[:12]}…, found {actual[:12]}…); "
+            "the file was modified or corrupted"
+        )
 
 
 def _shape_model_from_meta(src: Path, pca: Any) -> Any:
@@ -250,7 +309,8 @@ def _shape_model_from_meta(src: Path, pca: Any) -> Any:
 
 
 def read_bundle_meta(path: PathLike) -> dict[str, Any]:
-    """model.json of a bundle (dir or zip), schema-checked but without loading the network."""
+    """model.json of a bundle (dir or zip), schema-checked (every field's type, shape and range;
+    :mod:`bundle_schema`) but without loading the network."""
     p = Path(path)
     if not p.exists():
         raise BundleError(f"{p}: no such model bundle")
@@ -258,20 +318,31 @@ def read_bundle_meta(path: PathLike) -> dict[str, Any]:
         mj = p / MODEL_JSON
         if not mj.is_file():
             raise BundleError(f"{p}: missing {MODEL_JSON} (not a DeepSSM model bundle)")
-        text = mj.read_text(encoding="utf-8")
+        if mj.stat().st_size > MAX_MODEL_JSON_BYTES:
+            raise BundleError(f"{mj}: larger than {MAX_MODEL_JSON_BYTES >> 20} MiB; not a model description")
+        raw = mj.read_bytes()
     else:
         try:
             with zipfile.ZipFile(p) as zf:
-                text = zf.read(MODEL_JSON).decode("utf-8")
+                info = zf.getinfo(MODEL_JSON)
+                if info.file_size > MAX_MODEL_JSON_BYTES:
+                    raise BundleError(f"{p}: its {MODEL_JSON} declares {info.file_size} bytes; refusing it")
+                with zf.open(info) as f:
+                    raw = f.read(MAX_MODEL_JSON_BYTES + 1)
         except KeyError:
             raise BundleError(f"{p}: missing {MODEL_JSON} (not a DeepSSM model bundle)") from None
         except zipfile.BadZipFile:
             raise BundleError(f"{p}: neither a bundle directory nor a valid .zip bundle") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{p}/{MODEL_JSON}: not valid UTF-8 text (bad byte at offset {e.start})") from None
+    try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
         raise BundleError(f"{p}/{MODEL_JSON}: invalid JSON ({e})") from None
     _check_schema(p, meta)
+    validate_meta(meta, f"{p}/{MODEL_JSON}")
     return meta
 
 
@@ -279,7 +350,7 @@ def _check_schema(p: Path, meta: Any) -> None:
     if not isinstance(meta, dict) or meta.get("format") != "deepssm-bundle":
         raise BundleError(f"{p}/{MODEL_JSON}: not a DeepSSM model description (format field missing)")
     version = meta.get("schema_version")
-    if not isinstance(version, int):
+    if isinstance(version, bool) or not isinstance(version, int):
         raise BundleError(f"{p}/{MODEL_JSON}: schema_version must be an integer, found {version!r}")
     if version > SCHEMA_VERSION:
         raise BundleError(
@@ -290,6 +361,38 @@ def _check_schema(p: Path, meta: Any) -> None:
         raise BundleError(f"{p}: unknown bundle schema version {version}")
 
 
+def _verify_description(src: Path, meta: dict[str, Any]) -> None:
+    """The digest of model.json's own content, and its files table (known names, required ones)."""
+    if meta.get("content_sha256") != _content_digest(meta):
+        raise BundleError(f"{src}/{MODEL_JSON}: content digest mismatch (the model description was edited)")
+    files = meta["files"]
+    for name in files:
+        if name not in KNOWN_FILES:
+            raise BundleError(f"{src}/{MODEL_JSON}: lists an unknown file {name!r}")
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise BundleError(f"{src}: missing file(s) {sorted(set(missing))}")
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """Why a ``torch.load(..., weights_only=True)`` failed, in a few words, without torch's advice
+    to retry with ``weights_only=False`` (loading untrusted pickles runs arbitrary code)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        reason = next((line.strip() for line in rest if line.strip()), "")
+        reason = f"it holds something other than tensors ({reason})" if reason else ""
+    elif "Weights only load failed" in text:
+        reason = "it holds something other than tensors"
+    elif "central directory" in text or "zip archive" in text:
+        reason = "the file is truncated or corrupted (not a complete torch archive)"
+    else:
+        reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+    if not reason or "weights_only" in reason or "trust" in reason:
+        reason = type(exc).__name__
+    return reason[:300]
+
+
 def load_state_dict_safely(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load ``weights.pt`` as a plain ``{str: Tensor}`` dict, never unpickling objects."""
     import torch
@@ -297,10 +400,9 @@ def load_state_dict_safely(path: Path, map_location: Any = "cpu") -> dict[str, A
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BundleError(
             f"{path}: refusing to load weights that are not a plain state_dict of tensors "
-            f"(safe weights-only load failed: {first})"
+            f"({torch_load_reason(e)})"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -316,10 +418,15 @@ def load_bundle(path: PathLike, map_location: Any = "cpu") -> Bundle:
 
     src = Path(path)
     meta = read_bundle_meta(src)
+    _verify_description(src, meta)
     if src.is_dir():
+        _verify_files(src, src, meta["files"])
         return _load_from_dir(src, src, meta, map_location)
-    files_dir = _extract_zip(src)
+    files_dir = _extract_zip(src, meta)  # verified while streaming
     try:
+        missing = [f for f in meta["files"] if not (files_dir / f).is_file()]
+        if missing:
+            raise BundleError(f"{src}: missing file(s) {sorted(missing)}")
         bundle = _load_from_dir(src, files_dir, meta, map_location)
     except BaseException:
         shutil.rmtree(files_dir, ignore_errors=True)
@@ -329,29 +436,24 @@ def load_bundle(path: PathLike, map_location: Any = "cpu") -> Bundle:
     return bundle
 
 
-def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_location: Any) -> Bundle:
-    import torch
-
-    from . import io
-
-    files = meta.get("files")
-    if not isinstance(files, dict):
-        raise BundleError(f"{src}/{MODEL_JSON}: lacks the 'files' table of sha256 digests")
-    if meta.get("content_sha256") != _content_digest(meta):
-        raise BundleError(f"{src}/{MODEL_JSON}: content digest mismatch (the model description was edited)")
-    missing = [f for f in REQUIRED_FILES if f not in files]
-    missing += [f for f in files if not (files_dir / f).is_file()]
+def _verify_files(src: Path, files_dir: Path, files: dict[str, str]) -> None:
+    missing = [f for f in files if not (files_dir / f).is_file()]
     if missing:
         raise BundleError(f"{src}: missing file(s) {sorted(set(missing))}")
     for name, digest in files.items():
-        if name not in KNOWN_FILES:
-            raise BundleError(f"{src}/{MODEL_JSON}: lists an unknown file {name!r}")
         actual = sha256_file(files_dir / name)
         if actual != digest:
             raise BundleError(
                 f"{src}: sha256 mismatch for {name} (expected {digest[:12]}…, found {actual[:12]}…); "
                 "the file was modified or corrupted"
             )
+
+
+def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_location: Any) -> Bundle:
+    """Build the Bundle from verified files (``meta`` schema-checked, digests matched)."""
+    import torch
+
+    from . import io
 
     try:
         grid = Grid.from_dict(meta["reference_grid"])
@@ -391,14 +493,28 @@ def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_locatio
     if problems:
         shown = "; ".join(problems[:6]) + (f"; … ({len(problems)} in all)" if len(problems) > 6 else "")
         raise BundleError(f"{src}/{WEIGHTS}: weights do not match the architecture: {shown}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise BundleError(
+            f"{src}/{WEIGHTS}: the network weights contain NaN or Inf ({', '.join(bad[:4])}"
+            f"{' …' if len(bad) > 4 else ''}); the training diverged or the file is damaged: retrain the model"
+        )
     network.load_state_dict(state, strict=True)
     network.to(torch.device(map_location) if isinstance(map_location, str | torch.device) else "cpu")
     network.eval()
 
-    template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in files else None
+    template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in meta["files"] else None
     template_pts = None
-    if TEMPLATE_PARTICLES in files:
-        template_pts = io.read_particles(files_dir / TEMPLATE_PARTICLES)
+    if TEMPLATE_PARTICLES in meta["files"]:
+        try:
+            template_pts = io.read_particles(files_dir / TEMPLATE_PARTICLES)
+        except InputError as e:
+            raise BundleError(str(e)) from None
+        if template_pts.shape != (n_particles, 3):
+            raise BundleError(
+                f"{src}: {TEMPLATE_PARTICLES} has {template_pts.shape[0]} points, model.json says "
+                f"{n_particles}; the template mesh cannot be warped (the bundle is damaged: re-save it)"
+            )
     return Bundle(
         path=src,
         meta=meta,

@@ -72,3 +72,7 @@ def format_bytes(n: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TiB"
+
+
+class IntensityRangeWarning(UserWarning):
+    """An image's intensities lie far outside the range the model was trained on."""

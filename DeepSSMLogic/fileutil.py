@@ -352,6 +352,17 @@ def is_synthetic_cohort(path: Path) -> bool:
     return meta is not None and "family" in meta and (path / "cohort.csv").is_file()
 
 
+def json_marker(name: str, *keys: str) -> Recogniser:
+    """A recogniser for files of a results folder: the folder's ``name`` (a JSON object this
+    command writes) has all ``keys``."""
+
+    def owned(p: Path) -> bool:
+        meta = read_json_object(p.parent / name)
+        return meta is not None and all(k in meta for k in keys)
+
+    return owned
+
+
 # -- the output-path policy ------------------------------------------------------------------------
 def _check_writable_location(path: Path, flag: str) -> None:
     anchor = _existing_ancestor(path.parent)
@@ -369,6 +380,7 @@ def check_replace_target(
     overwrite: bool = False,
     flag: str = "--out",
     needed_bytes: int = 0,
+    overwrite_flag: str | None = "--overwrite",
 ) -> Path:
     """Check an output that will be replaced as a whole (a model bundle, a synthetic cohort).
 
@@ -393,7 +405,8 @@ def check_replace_target(
             raise OutputExistsError(
                 p,
                 f"{flag} is an existing file that is not a {what}",
-                f"pass --overwrite to replace it, or choose another {flag}",
+                (f"pass {overwrite_flag} to replace it, or choose another {flag}" if overwrite_flag
+                 else f"choose another {flag} or move the file away"),
             )
     require_free_space(p, needed_bytes, what)
     return p

@@ -25,8 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..fileutil import atomic_path, atomic_write_json, preallocate, require_free_space, write_at
+from ..errors import InputError, OutputExistsError
+from ..fileutil import (
+    atomic_path,
+    atomic_write_json,
+    check_output_dir,
+    is_augmented_set,
+    preallocate,
+    require_free_space,
+    write_at,
+)
 from ..geometry import Grid
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
 from .tps import DEFAULT_BAND, DEFAULT_COARSE, fit_warp, resample, sampling_positions, warp_images
@@ -101,6 +109,31 @@ def estimate_set_bytes(n: int, grid: Grid, n_particles: int, segmentations: bool
     return int(n) * per_sample + (64 << 10)
 
 
+_SET_FILES = {"images.npy", "segmentations.npy", "particles.npy", "scores.npy", "source.npy"}
+
+
+def check_set_location(
+    out_dir: str | os.PathLike[str], n: int, grid: Grid, n_particles: int, segmentations: bool = False
+) -> None:
+    """Before any work: ``out_dir`` is absent, empty, an augmented set (resumed) or the files of an
+    interrupted set-up; anything else is refused (:class:`OutputExistsError`: nothing in it is ever
+    deleted). A new set must fit in the free space (:class:`DiskFullError`)."""
+    out = Path(out_dir)
+    check_output_dir(out, writes=[META, *sorted(_SET_FILES), "nrrd/"], owned=lambda p: True)
+    if is_augmented_set(out):
+        return
+    if out.is_dir():
+        leftovers = sorted(p.name for p in out.iterdir() if p.name != "nrrd" and not p.name.startswith("."))
+        if not set(leftovers) <= _SET_FILES:  # files without augmentation.json: an interrupted set-up
+            raise OutputExistsError(
+                out,
+                f"--out exists and is not an augmented set (it holds {', '.join(leftovers[:5])})",
+                "deepssm never deletes a folder it did not write: choose another --out",
+            )
+    need = estimate_set_bytes(n, grid, n_particles, segmentations)
+    require_free_space(out, need, f"the augmented set of {n} samples")
+
+
 def write_augmented_set(
     out_dir: str | os.PathLike[str],
     images: np.ndarray,
@@ -150,6 +183,7 @@ def write_augmented_set(
         "segmentations": segmentations is not None,
     }
     meta_path = out / META
+    check_set_location(out, n, grid, pts.shape[1], segmentations is not None)
     if meta_path.exists():
         meta = _read_meta(out)
         diff = [k for k in params if meta.get("parameters", {}).get(k) != params[k]]
@@ -163,19 +197,6 @@ def write_augmented_set(
         if done < int(meta["count"]):
             _reserve(out)  # a set begun by an older version may be sparse: reserve its space now
     else:
-        if out.exists() and any(p.name != "nrrd" and not p.name.startswith(".") for p in out.iterdir()):
-            leftovers = sorted(p.name for p in out.iterdir())
-            # Files without augmentation.json are an interrupted set-up (or a foreign directory).
-            if not set(leftovers) <= {
-                "images.npy",
-                "segmentations.npy",
-                "particles.npy",
-                "scores.npy",
-                "source.npy",
-            }:
-                raise InputError(f"{out}: exists and is not an augmented set (found {leftovers[:5]})")
-        need = estimate_set_bytes(n, grid, pts.shape[1], segmentations is not None)
-        require_free_space(out, need, f"the augmented set of {n} samples")
         meta = _initialise(out, imgs, pts, shape_model, sampler, n, seed, params, chunk, segmentations)
         done = 0
 
