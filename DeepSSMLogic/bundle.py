@@ -97,7 +97,10 @@ class Bundle:
 def _content_digest(meta: dict[str, Any]) -> str:
     """sha256 of model.json's content, excluding the digest field itself (detects edits)."""
     body = {k: v for k, v in meta.items() if k != "content_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN/Infinity cannot be in a description this software wrote
+        return ""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -257,7 +260,9 @@ def _extract_zip(path: Path, meta: dict[str, Any]) -> Path:
                 if info.filename == MODEL_JSON:
                     continue
                 if info.filename not in files:
-                    raise BundleError(f"{path}: the zip holds {info.filename}, which model.json does not list")
+                    raise BundleError(
+                        f"{path}: the zip holds {info.filename}, which model.json does not list"
+                    )
                 _stream_entry(path, zf, info, _entry_cap(info.filename, meta), files[info.filename], tmp)
     except zipfile.BadZipFile as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -268,7 +273,9 @@ def _extract_zip(path: Path, meta: dict[str, Any]) -> Path:
     return tmp
 
 
-def _stream_entry(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, digest: str, tmp: Path) -> None:
+def _stream_entry(
+    path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, digest: str, tmp: Path
+) -> None:
     from .errors import format_bytes
     from .fileutil import require_free_space
 

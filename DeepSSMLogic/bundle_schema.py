@@ -118,7 +118,10 @@ def _validate_grid(f: _Fields, grid: dict[str, Any]) -> None:
 
 
 def _validate_normalizer(f: _Fields, norm: dict[str, Any]) -> None:
-    values = {k: f.number(f.get(norm, f"normalizer.{k}", k), f"normalizer.{k}") for k in ("clip_low", "clip_high", "mean")}
+    values = {
+        k: f.number(f.get(norm, f"normalizer.{k}", k), f"normalizer.{k}")
+        for k in ("clip_low", "clip_high", "mean")
+    }
     f.number(f.get(norm, "normalizer.std", "std"), "normalizer.std", positive=True)
     if values["clip_low"] > values["clip_high"]:
         f.fail("normalizer.clip_high", f"at least clip_low ({values['clip_low']})", values["clip_high"])

@@ -155,7 +155,9 @@ def clean_orphans(target: PathLike) -> list[Path]:
     pattern = re.compile(r"^\." + re.escape(name) + r"\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
     removed: list[Path] = []
     try:
-        candidates = [p for p in parent.iterdir() if p.name.startswith(f".{name}.") and p.name.endswith(".tmp")]
+        candidates = [
+            p for p in parent.iterdir() if p.name.startswith(f".{name}.") and p.name.endswith(".tmp")
+        ]
     except OSError:
         return removed
     for p in candidates:
@@ -179,21 +181,26 @@ def clean_orphans(target: PathLike) -> list[Path]:
 
 # -- atomic writes ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_path(target: PathLike, replace_dir: Recogniser | None = None) -> Iterator[Path]:
+def atomic_path(
+    target: PathLike, replace_dir: Recogniser | None = None, needed: int | None = None
+) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it onto ``target`` only on success.
 
     Works for files and directories: whatever the body creates at the yielded path replaces
     ``target`` when the block exits without an exception, and is deleted otherwise. An existing
     directory at ``target`` is replaced only if it is empty or ``replace_dir(target)`` says it is
     this caller's own; otherwise :class:`OutputExistsError` is raised before the body runs and
-    nothing is touched. A full disk during the body or the rename is a :class:`DiskFullError`.
+    nothing is touched. A full disk during the body or the rename is a :class:`DiskFullError`
+    (``needed``: the size being written, bytes, for its message).
     """
     target = Path(target)
     ensure_parent(target)
     clean_orphans(target)
     _check_replaceable(target, replace_dir)
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+        tmp_dir = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+        )
     except PermissionError:
         raise OutputPathError(f"{target}: cannot write in {target.parent}: permission denied") from None
     except OSError as e:
@@ -212,7 +219,7 @@ def atomic_path(target: PathLike, replace_dir: Recogniser | None = None) -> Iter
             os.replace(tmp, target)
         except Exception as e:
             if is_disk_full(e, target.parent):
-                raise disk_full_error(e, target) from e
+                raise disk_full_error(e, target, needed) from e
             raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -233,7 +240,7 @@ def _check_replaceable(target: Path, replace_dir: Recogniser | None) -> None:
 def atomic_write_bytes(target: PathLike, data: bytes | memoryview) -> None:
     """Write ``data`` to ``target`` atomically, after checking the free space for it."""
     require_free_space(Path(target).parent, len(data), str(Path(target).name))
-    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+    with atomic_path(target, needed=len(data)) as tmp, open(tmp, "wb") as f:
         write_all(f, data)
 
 
@@ -405,8 +412,11 @@ def check_replace_target(
             raise OutputExistsError(
                 p,
                 f"{flag} is an existing file that is not a {what}",
-                (f"pass {overwrite_flag} to replace it, or choose another {flag}" if overwrite_flag
-                 else f"choose another {flag} or move the file away"),
+                (
+                    f"pass {overwrite_flag} to replace it, or choose another {flag}"
+                    if overwrite_flag
+                    else f"choose another {flag} or move the file away"
+                ),
             )
     require_free_space(p, needed_bytes, what)
     return p

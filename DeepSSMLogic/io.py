@@ -107,7 +107,9 @@ def read_particles(path: PathLike) -> np.ndarray:
                 bad = _first_bad_line(text)
                 if bad is None:
                     raise
-                raise InputError(f"{p}: cannot parse particles: {bad}; expected 3 numbers x y z per line") from None
+                raise InputError(
+                    f"{p}: cannot parse particles: {bad}; expected 3 numbers x y z per line"
+                ) from None
     except InputError:
         raise
     except (ValueError, OSError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:

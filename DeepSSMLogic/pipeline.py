@@ -624,7 +624,9 @@ def spacing_source(spacing: float | None, first: Any, downsample: float = 1.0) -
     return src + (f", times --downsample {downsample:g}" if downsample != 1.0 else "")
 
 
-def check_training_outputs(out: Path, work: Path, opts: TrainingOptions, grid: Grid, n_particles: int) -> None:
+def check_training_outputs(
+    out: Path, work: Path, opts: TrainingOptions, grid: Grid, n_particles: int
+) -> None:
     """The output-path policy for ``train``, before any image is read (see ``docs/ERRORS.md``).
 
     ``out`` must be absent, an empty folder or an earlier bundle (a foreign file only with
@@ -641,7 +643,9 @@ def check_training_outputs(out: Path, work: Path, opts: TrainingOptions, grid: G
         raise InputError("--resume and --restart exclude each other: continue the checkpoint, or start over")
     voxels = int(np.prod(grid.size))
     bundle_bytes = 2 * voxels * 4 + n_particles * 3 * 8 * 4
-    check_replace_target(out, is_bundle, "DeepSSM model bundle", overwrite=opts.overwrite, needed_bytes=bundle_bytes)
+    check_replace_target(
+        out, is_bundle, "DeepSSM model bundle", overwrite=opts.overwrite, needed_bytes=bundle_bytes
+    )
     if work.resolve() == out.resolve():
         raise InputError(f"--work-dir {work}: must differ from --out (the bundle replaces its folder)")
     check_output_dir(work, writes=["augmentation/", "training/"], flag="--work-dir")

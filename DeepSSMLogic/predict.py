@@ -420,14 +420,18 @@ def is_own_prediction(path: Path) -> bool:
     return False
 
 
-def check_prediction_outputs(out: PathLike, stems: Sequence[str], mesh: bool, overwrite: bool = False) -> Path:
+def check_prediction_outputs(
+    out: PathLike, stems: Sequence[str], mesh: bool, overwrite: bool = False
+) -> Path:
     """The output-path policy for ``predict`` (before the bundle is loaded): ``out`` is a folder
     (or absent); each image's files may replace earlier predictions, foreign files only with
     ``overwrite``, folders in their way never."""
     from .fileutil import check_output_dir
 
     names = [name for stem in stems for name in prediction_files(stem, mesh)]
-    return check_output_dir(out, names, is_own_prediction, overwrite=overwrite, needed_bytes=len(names) * 4096)
+    return check_output_dir(
+        out, names, is_own_prediction, overwrite=overwrite, needed_bytes=len(names) * 4096
+    )
 
 
 def warn_if_outside_training_range(array: np.ndarray, normalizer: Any, label: str) -> bool:

@@ -850,7 +850,11 @@ def generate_cohort(
     # compressed int16 image + uint8 labels: about a byte per voxel at least, plus mesh and particles
     needed = int(n) * (int(np.prod(image_size)) + 200 * int(n_particles))
     check_replace_target(
-        out, is_synthetic_cohort, "synthetic cohort written by deepssm synth", needed_bytes=needed, overwrite_flag=None
+        out,
+        is_synthetic_cohort,
+        "synthetic cohort written by deepssm synth",
+        needed_bytes=needed,
+        overwrite_flag=None,
     )
     n = int(n)
     root = np.random.SeedSequence(int(seed))

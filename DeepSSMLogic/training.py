@@ -568,7 +568,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        raise InputError(f"{path}: the training checkpoint is unreadable ({torch_load_reason(e)}); {advice}") from None
+        raise InputError(
+            f"{path}: the training checkpoint is unreadable ({torch_load_reason(e)}); {advice}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a DeepSSM training checkpoint of format {CHECKPOINT_FORMAT}; {advice}")
     return ckpt

@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from ..fileutil import check_output_dir, json_marker
 
     outputs = ["analysis.json", "subjects.csv", "report.html", "figures/"]
-    check_output_dir(args.out, outputs, json_marker("analysis.json", "severity", "classifier"), overwrite=args.overwrite)
+    check_output_dir(
+        args.out, outputs, json_marker("analysis.json", "severity", "classifier"), overwrite=args.overwrite
+    )
     from ..analysis.downstream import analyze_cohort
     from ..errors import InputError
 

@@ -77,7 +77,13 @@ def run(args: argparse.Namespace) -> int:
         if spacing is None:
             spacing = tuple(float(v) for v in io.read_image(subjects[0].image).GetSpacing())
         grid = reference_grid(particles, spacing, args.margin, ids=[s.id for s in subjects])
-        check_set_location(args.out, args.n, grid, particles.shape[1], all(getattr(s, "segmentation", None) for s in subjects))
+        check_set_location(
+            args.out,
+            args.n,
+            grid,
+            particles.shape[1],
+            all(getattr(s, "segmentation", None) for s in subjects),
+        )
         arrays = prepare_training_arrays(subjects, grid, report)
         shape_model = ShapeModel.fit(arrays.particles)
         real_scores = shape_model.project(arrays.particles)

@@ -53,8 +53,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..fileutil import check_output_dir, json_marker
 
-    outputs = ["metrics.json", "subjects.csv", "per_point_rmse.csv", "report.html", "predictions/", "figures/"]
-    check_output_dir(args.out, outputs, json_marker("metrics.json", "model", "rmse_mm"), overwrite=args.overwrite)
+    outputs = [
+        "metrics.json",
+        "subjects.csv",
+        "per_point_rmse.csv",
+        "report.html",
+        "predictions/",
+        "figures/",
+    ]
+    check_output_dir(
+        args.out, outputs, json_marker("metrics.json", "model", "rmse_mm"), overwrite=args.overwrite
+    )
     from ..analysis.evaluation import evaluate_model
 
     with progress_bars(disable=args.quiet) as report:
