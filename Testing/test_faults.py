@@ -143,7 +143,7 @@ def test_save_bundle_replaces_a_bundle_but_not_a_folder(tmp_path):
     foreign = tmp_path / "data"
     foreign.mkdir()
     (foreign / "scan.nrrd").write_text("not a model")
-    with pytest.raises(OutputExistsError, match="scan.nrrd"):
+    with pytest.raises(OutputExistsError, match=r"scan\.nrrd"):
         make_tiny_bundle(foreign)
     assert (foreign / "scan.nrrd").read_text() == "not a model"
 
@@ -202,7 +202,10 @@ def test_predict_out_read_only_refused(tmp_path, capsys):
     assert rc == 2 and "permission" in capsys.readouterr().err
 
 
-def test_evaluate_refuses_foreign_files_with_its_names(bundle_dir, tmp_path, capsys):
+def test_evaluate_refuses_foreign_files_with_its_names(bundle_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(
+        "DeepSSMLogic.analysis.evaluation.evaluate_model", lambda *a, **k: pytest.fail("evaluation ran")
+    )
     out = tmp_path / "results"
     out.mkdir()
     (out / "subjects.csv").write_text("my own table\n")
@@ -360,7 +363,7 @@ def test_train_checkpoint_full_disk_is_named(tmp_path, monkeypatch):
     ds = [(images[i], parts[i]) for i in range(n)]
     config = TrainConfig.from_dict({"epochs": 1, "batch_size": 3, "device": "cpu", "conv_padding": "same"})
     monkeypatch.setattr(fileutil, "write_all", _enospc)
-    with pytest.raises(DiskFullError, match="checkpoint.pt"):
+    with pytest.raises(DiskFullError, match=r"checkpoint\.pt"):
         train(config, ds[:4], ds[4:], tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and _no_temp_leftovers(tmp_path)
 
@@ -487,7 +490,7 @@ def test_template_particles_count_checked_at_load(bundle_dir, tmp_path):
     meta["files"]["template.particles"] = ""
     (d / MODEL_JSON).write_text(json.dumps(meta))
     _refresh_digests(d)
-    with pytest.raises(BundleError, match="template.particles has 10 points, model.json says 64"):
+    with pytest.raises(BundleError, match=r"template\.particles has 10 points, model\.json says 64"):
         load_bundle(d)
 
 
@@ -506,7 +509,7 @@ def test_zip_bomb_entry_streamed_with_bounded_memory(bundle_dir, tmp_path):
     assert bomb.stat().st_size < 2 << 20
     tracemalloc.start()
     try:
-        with pytest.raises(BundleError, match="sha256 mismatch for weights.pt"):
+        with pytest.raises(BundleError, match=r"sha256 mismatch for weights\.pt"):
             load_bundle(bomb)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -523,7 +526,7 @@ def test_zip_entry_larger_than_the_bundle_can_hold_refused_before_inflating(bund
         with zf.open("mean.particles", "w", force_zip64=True) as w:
             for _ in range(4):
                 w.write(bytes(1 << 20))
-    with pytest.raises(BundleError, match="mean.particles declares 4.0 MiB, more than"):
+    with pytest.raises(BundleError, match=r"mean\.particles declares 4\.0 MiB, more than"):
         load_bundle(big)
 
 
