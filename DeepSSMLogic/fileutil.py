@@ -142,41 +142,72 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-def clean_orphans(target: PathLike) -> list[Path]:
-    """Remove temporary folders that killed writes of ``target`` left next to it.
+_scanned_dirs: set[str] = set()
+
+
+def clean_orphans(target: PathLike, force: bool = False) -> list[Path]:
+    """Remove temporary folders that killed writes left in ``target``'s folder.
 
     Only folders named like :func:`atomic_path`'s (``.<name>.<pid>.<random>.tmp``) whose process is
     gone (or, for the older ``.<name>.<random>.tmp`` form and on Windows, older than 10 minutes), and
     which hold nothing but the half-written ``<name>`` and the ``.old`` backup, are touched. A backup
-    whose target is missing (a kill between the two renames of a replace) is put back first.
+    whose target is missing (a kill between the two renames of a replace) is put back first. Each
+    folder is scanned once per process (``force`` to rescan): a folder of many outputs costs one
+    listing, not one per write.
     """
-    target = Path(target)
-    parent, name = target.parent, target.name
-    pattern = re.compile(r"^\." + re.escape(name) + r"\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
+    parent = Path(target).parent
+    key = os.path.abspath(parent)
+    if key in _scanned_dirs and not force:
+        return []
+    _scanned_dirs.add(key)
     removed: list[Path] = []
     try:
-        candidates = [
-            p for p in parent.iterdir() if p.name.startswith(f".{name}.") and p.name.endswith(".tmp")
-        ]
+        entries = [e for e in os.scandir(parent) if e.name.startswith(".") and e.name.endswith(".tmp")]
     except OSError:
         return removed
-    for p in candidates:
-        m = pattern.match(p.name)
-        if not m or p.is_symlink() or not p.is_dir():
-            continue
-        try:
-            age = time.time() - p.stat().st_mtime
-            contents = {c.name for c in p.iterdir()}
-        except OSError:
-            continue
-        gone = _process_gone(int(m[1])) if m[1] and sys.platform != "win32" else age > _LEGACY_ORPHAN_AGE_S
-        if not gone or not contents <= {name, _BACKUP}:
-            continue
-        if _BACKUP in contents and not target.exists() and not target.is_symlink():
-            os.replace(p / _BACKUP, target)
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+    for entry in entries:
+        p = Path(entry.path)
+        for name, pid in _orphan_readings(entry.name):
+            if pid is not None and sys.platform != "win32" and not _process_gone(pid):
+                break  # possibly a live writer's: leave it
+            if _remove_orphan(p, parent / name, pid):
+                removed.append(p)
+                break
     return removed
+
+
+def _orphan_readings(folder_name: str) -> list[tuple[str, int | None]]:
+    """Every ``(target name, pid)`` a temporary folder name can be read as (a name may hold dots
+    and digits, so ``.a.5.x.tmp`` has two readings); the contents check picks the true one."""
+    readings: list[tuple[str, int | None]] = []
+    core = folder_name[1 : -len(".tmp")]
+    head, _, rand = core.rpartition(".")
+    if not head or not re.fullmatch(r"[A-Za-z0-9_]{8}", rand):
+        return readings
+    name, _, pid = head.rpartition(".")
+    if name and pid.isdigit():
+        readings.append((name, int(pid)))
+    readings.append((head, None))
+    return readings
+
+
+def _remove_orphan(p: Path, target: Path, pid: int | None) -> bool:
+    try:
+        if p.is_symlink() or not p.is_dir():
+            return False
+        age = time.time() - p.stat().st_mtime
+        contents = {c.name for c in p.iterdir()}
+    except OSError:
+        return False
+    if not contents <= {target.name, _BACKUP}:
+        return False
+    gone = _process_gone(pid) if pid is not None and sys.platform != "win32" else age > _LEGACY_ORPHAN_AGE_S
+    if not gone:
+        return False
+    if _BACKUP in contents and not target.exists() and not target.is_symlink():
+        os.replace(p / _BACKUP, target)
+    shutil.rmtree(p, ignore_errors=True)
+    return True
 
 
 # -- atomic writes ---------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def test_orphan_of_an_interrupted_replace_restores_the_previous_version(tmp_path
     orphan = tmp_path / f".model.{dead.pid}.abcd1234.tmp"
     (orphan / ".old").mkdir(parents=True)
     (orphan / ".old" / "model.json").write_text("{}")
-    fileutil.clean_orphans(target)
+    fileutil.clean_orphans(target, force=True)
     assert (target / "model.json").read_text() == "{}" and not orphan.exists()
 
 
