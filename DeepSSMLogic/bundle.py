@@ -458,10 +458,6 @@ def _verify_files(src: Path, files_dir: Path, files: dict[str, str]) -> None:
 
 def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_location: Any) -> Bundle:
     """Build the Bundle from verified files (``meta`` schema-checked, digests matched)."""
-    import torch
-
-    from . import io
-
     try:
         grid = Grid.from_dict(meta["reference_grid"])
         normalizer = IntensityNormalizer.from_dict(meta["normalizer"])
@@ -473,17 +469,52 @@ def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_locatio
         raise BundleError(f"{src}/{MODEL_JSON}: {e}") from None
     shape_model = _shape_model_from_meta(src, meta.get("pca"))
 
+    mean = _read_bundle_particles(src, files_dir, MEAN_PARTICLES, n_particles)
+    network = _load_network(src, files_dir, architecture, map_location)
+    template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in meta["files"] else None
+    template_pts = None
+    if TEMPLATE_PARTICLES in meta["files"]:
+        template_pts = _read_bundle_particles(src, files_dir, TEMPLATE_PARTICLES, n_particles)
+    return Bundle(
+        path=src,
+        meta=meta,
+        network=network,
+        architecture=architecture,
+        grid=grid,
+        normalizer=normalizer,
+        shape_model=shape_model,
+        mean_particles=mean,
+        reference_image_path=files_dir / REFERENCE_IMAGE,
+        template_mesh_path=template_mesh,
+        template_particles=template_pts,
+        _files_dir=files_dir,
+    )
+
+
+def _read_bundle_particles(src: Path, files_dir: Path, name: str, n_particles: int) -> np.ndarray:
+    """A bundle's particle file, ``(n_particles, 3)`` mm, or a BundleError naming it."""
+    from . import io
+
     try:
-        mean = io.read_particles(files_dir / MEAN_PARTICLES)
+        pts = io.read_particles(files_dir / name)
     except InputError as e:
         raise BundleError(str(e)) from None
-    if mean.shape != (n_particles, 3):
+    if pts.shape != (n_particles, 3):
         raise BundleError(
-            f"{src}: {MEAN_PARTICLES} has {mean.shape[0]} points, model.json says {n_particles}"
+            f"{src}: {name} has {pts.shape[0]} points, model.json says {n_particles} "
+            "(the bundle is damaged: re-save or retrain it)"
         )
+    return pts
+
+
+def _load_network(src: Path, files_dir: Path, architecture: dict[str, Any], map_location: Any) -> Any:
+    """The network of ``architecture`` with the bundle's weights (keys, shapes, finiteness checked),
+    in eval mode on ``map_location``."""
+    import torch
+
+    from .networks import build_network
 
     state = load_state_dict_safely(files_dir / WEIGHTS, map_location=map_location)
-    from .networks import build_network
 
     try:
         network = build_network(architecture)
@@ -509,30 +540,4 @@ def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_locatio
     network.load_state_dict(state, strict=True)
     network.to(torch.device(map_location) if isinstance(map_location, str | torch.device) else "cpu")
     network.eval()
-
-    template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in meta["files"] else None
-    template_pts = None
-    if TEMPLATE_PARTICLES in meta["files"]:
-        try:
-            template_pts = io.read_particles(files_dir / TEMPLATE_PARTICLES)
-        except InputError as e:
-            raise BundleError(str(e)) from None
-        if template_pts.shape != (n_particles, 3):
-            raise BundleError(
-                f"{src}: {TEMPLATE_PARTICLES} has {template_pts.shape[0]} points, model.json says "
-                f"{n_particles}; the template mesh cannot be warped (the bundle is damaged: re-save it)"
-            )
-    return Bundle(
-        path=src,
-        meta=meta,
-        network=network,
-        architecture=architecture,
-        grid=grid,
-        normalizer=normalizer,
-        shape_model=shape_model,
-        mean_particles=mean,
-        reference_image_path=files_dir / REFERENCE_IMAGE,
-        template_mesh_path=template_mesh,
-        template_particles=template_pts,
-        _files_dir=files_dir,
-    )
+    return network

@@ -490,22 +490,26 @@ def test_template_particles_count_checked_at_load(bundle_dir, tmp_path):
     meta["files"]["template.particles"] = ""
     (d / MODEL_JSON).write_text(json.dumps(meta))
     _refresh_digests(d)
-    with pytest.raises(BundleError, match=r"template\.particles has 10 points, model\.json says 64"):
+    with pytest.raises(BundleError, match=r"template\.particles has 10 points, model\.json says 64 "):
         load_bundle(d)
+
+
+def _zip_with_zeros(bundle_dir: Path, path: Path, entry: str, mib: int) -> Path:
+    """The bundle as a zip whose ``entry`` is replaced by ``mib`` MiB of zeros (deflated: tiny)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(bundle_dir.iterdir()):
+            if f.name != entry:
+                zf.write(f, arcname=f.name)
+        with zf.open(entry, "w", force_zip64=True) as w:
+            for _ in range(mib):
+                w.write(bytes(1 << 20))
+    return path
 
 
 def test_zip_bomb_entry_streamed_with_bounded_memory(bundle_dir, tmp_path):
     """A 64 MiB entry (a few hundred KiB zipped) whose digest does not match: refused while
     streaming, peak Python memory a few MiB (the old loader read it whole: > 64 MiB)."""
-    bomb = tmp_path / "bomb.zip"
-    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(bundle_dir.iterdir()):
-            if f.name != "weights.pt":
-                zf.write(f, arcname=f.name)
-        with zf.open("weights.pt", "w", force_zip64=True) as w:
-            block = bytes(1 << 20)
-            for _ in range(64):
-                w.write(block)
+    bomb = _zip_with_zeros(bundle_dir, tmp_path / "bomb.zip", "weights.pt", 64)
     assert bomb.stat().st_size < 2 << 20
     tracemalloc.start()
     try:
@@ -518,14 +522,7 @@ def test_zip_bomb_entry_streamed_with_bounded_memory(bundle_dir, tmp_path):
 
 
 def test_zip_entry_larger_than_the_bundle_can_hold_refused_before_inflating(bundle_dir, tmp_path):
-    big = tmp_path / "big.zip"
-    with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(bundle_dir.iterdir()):
-            if f.name != "mean.particles":
-                zf.write(f, arcname=f.name)
-        with zf.open("mean.particles", "w", force_zip64=True) as w:
-            for _ in range(4):
-                w.write(bytes(1 << 20))
+    big = _zip_with_zeros(bundle_dir, tmp_path / "big.zip", "mean.particles", 4)
     with pytest.raises(BundleError, match=r"mean\.particles declares 4\.0 MiB, more than"):
         load_bundle(big)
 
