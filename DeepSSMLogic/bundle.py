@@ -238,9 +238,23 @@ def _entry_cap(name: str, meta: dict[str, Any]) -> int:
         MEAN_PARTICLES: n * 3 * 40 + 4096,  # "repr(float) " per coordinate
         TEMPLATE_PARTICLES: n * 3 * 40 + 4096,
         TEMPLATE_MESH: 1 << 30,
-        WEIGHTS: 4 << 30,
     }
-    return caps[name]
+    return _weights_cap(meta["architecture"]) if name == WEIGHTS else caps[name]
+
+
+def _weights_cap(architecture: dict[str, Any]) -> int:
+    """The state_dict size of ``architecture`` (built on torch's meta device: no memory) plus 10 %
+    and 1 MiB of archive overhead; 4 GiB when it cannot be built (the load reports that later)."""
+    import torch
+
+    from .networks import build_network
+
+    try:
+        with torch.device("meta"):
+            state = build_network(dict(architecture)).state_dict()
+    except Exception:  # a malformed architecture is reported with its field when the network is built
+        return 4 << 30
+    return int(sum(t.numel() * t.element_size() for t in state.values()) * 1.1) + (1 << 20)
 
 
 def _extract_zip(path: Path, meta: dict[str, Any]) -> Path:
@@ -283,7 +297,7 @@ def _stream_entry(
     if info.file_size > cap:
         raise BundleError(
             f"{path}: zip entry {name} declares {format_bytes(info.file_size)}, more than a bundle of this "
-            f"grid and particle count can hold ({format_bytes(cap)}); refusing to inflate it"
+            f"architecture, grid and particle count can hold ({format_bytes(cap)}); refusing to inflate it"
         )
     require_free_space(tmp, info.file_size, f"extracting {name} from {path.name}")
     h = hashlib.sha256()
