@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import weakref
@@ -37,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from .bundle_schema import validate_meta
 from .errors import BundleError, InputError
-from .fileutil import atomic_path, sha256_file
+from .fileutil import atomic_path, check_replace_target, is_bundle, save_torch, sha256_file
 from .geometry import Grid
 from .preprocess import IntensityNormalizer
 
@@ -94,7 +97,10 @@ class Bundle:
 def _content_digest(meta: dict[str, Any]) -> str:
     """sha256 of model.json's content, excluding the digest field itself (detects edits)."""
     body = {k: v for k, v in meta.items() if k != "content_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN/Infinity cannot be in a description this software wrote
+        return ""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -135,6 +141,7 @@ def save_bundle(
     template_particles: np.ndarray | None = None,
     hyperparameters: dict[str, Any] | None = None,
     mean_particles: np.ndarray | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a bundle atomically to ``path`` (a directory, or a single file when it ends in .zip).
 
@@ -144,13 +151,13 @@ def save_bundle(
     or None with ``mean_particles`` given; ``reference_image``: a SimpleITK image or a path (the
     registration target, on ``reference_grid``); ``template_mesh``: vtkPolyData or a path
     (optional) whose corresponding points are ``template_particles`` (default: the mean shape).
-    Returns the bundle path.
+    An existing bundle at ``path`` is replaced; anything else is refused (a foreign file is
+    replaced with ``overwrite``; a foreign folder never). Returns the bundle path.
     """
-    import torch
-
     from . import io
 
     target = Path(path)
+    check_replace_target(target, is_bundle, "DeepSSM model bundle", overwrite=overwrite)
     if mean_particles is None:
         if shape_model is None:
             raise InputError("save_bundle: give a shape_model or mean_particles")
@@ -171,10 +178,10 @@ def save_bundle(
     state = network.state_dict() if hasattr(network, "state_dict") else dict(network)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
-    with atomic_path(target) as tmp:
+    with atomic_path(target, replace_dir=is_bundle) as tmp:
         work = Path(tempfile.mkdtemp(prefix=".bundle.", dir=tmp.parent)) if target.suffix == ".zip" else tmp
         work.mkdir(parents=True, exist_ok=True)
-        torch.save(state, work / WEIGHTS)
+        save_torch(state, work / WEIGHTS)
         if isinstance(reference_image, str | os.PathLike):
             reference_image = io.read_image(reference_image)
         io.write_image(reference_image, work / REFERENCE_IMAGE)
@@ -216,17 +223,61 @@ def save_bundle(
 
 
 # -- loading --------------------------------------------------------------------------------------
-def _extract_zip(path: Path) -> Path:
+MAX_MODEL_JSON_BYTES = 64 << 20
+_CHUNK = 1 << 20
+
+
+def _entry_cap(name: str, meta: dict[str, Any]) -> int:
+    """Most bytes a bundle file can legitimately hold, from what model.json declares (a zip entry
+    declaring more is refused before anything is inflated: a zip bomb stays small)."""
+    voxels = math.prod(int(v) for v in meta["reference_grid"]["size"])
+    n = int(meta["n_particles"])
+    caps = {
+        MODEL_JSON: MAX_MODEL_JSON_BYTES,
+        REFERENCE_IMAGE: voxels * 8 + (1 << 20),  # float64 voxels, uncompressed, plus the header
+        MEAN_PARTICLES: n * 3 * 40 + 4096,  # "repr(float) " per coordinate
+        TEMPLATE_PARTICLES: n * 3 * 40 + 4096,
+        TEMPLATE_MESH: 1 << 30,
+    }
+    return _weights_cap(meta["architecture"]) if name == WEIGHTS else caps[name]
+
+
+def _weights_cap(architecture: dict[str, Any]) -> int:
+    """The state_dict size of ``architecture`` (built on torch's meta device: no memory) plus 10 %
+    and 1 MiB of archive overhead; 4 GiB when it cannot be built (the load reports that later)."""
+    import torch
+
+    from .networks import build_network
+
+    try:
+        with torch.device("meta"):
+            state = build_network(dict(architecture)).state_dict()
+    except Exception:  # a malformed architecture is reported with its field when the network is built
+        return 4 << 30
+    return int(sum(t.numel() * t.element_size() for t in state.values()) * 1.1) + (1 << 20)
+
+
+def _extract_zip(path: Path, meta: dict[str, Any]) -> Path:
+    """Extract the bundle's files into a new temporary folder, streaming each entry in 1 MiB blocks
+    with a size cap (:func:`_entry_cap`) and its sha256 checked against model.json as it streams;
+    peak memory is one block whatever the zip holds."""
     # only the known flat names are extracted, so a crafted zip cannot write outside ``tmp``
     tmp = Path(tempfile.mkdtemp(prefix="deepssm-bundle-"))
+    files = meta["files"]
     try:
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            unknown = [n for n in names if n not in (MODEL_JSON,) + KNOWN_FILES]
+            infos = zf.infolist()
+            unknown = [i.filename for i in infos if i.filename not in (MODEL_JSON,) + KNOWN_FILES]
             if unknown:
                 raise BundleError(f"{path}: unexpected entries in the bundle zip: {unknown}")
-            for n in names:
-                (tmp / n).write_bytes(zf.read(n))
+            for info in infos:
+                if info.filename == MODEL_JSON:
+                    continue
+                if info.filename not in files:
+                    raise BundleError(
+                        f"{path}: the zip holds {info.filename}, which model.json does not list"
+                    )
+                _stream_entry(path, zf, info, _entry_cap(info.filename, meta), files[info.filename], tmp)
     except zipfile.BadZipFile as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BundleError(f"{path}: not a valid zip bundle ({e})") from None
@@ -234,6 +285,36 @@ def _extract_zip(path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
+
+
+def _stream_entry(
+    path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, digest: str, tmp: Path
+) -> None:
+    from .errors import format_bytes
+    from .fileutil import require_free_space
+
+    name = info.filename
+    if info.file_size > cap:
+        raise BundleError(
+            f"{path}: zip entry {name} declares {format_bytes(info.file_size)}, more than a bundle of this "
+            f"architecture, grid and particle count can hold ({format_bytes(cap)}); refusing to inflate it"
+        )
+    require_free_space(tmp, info.file_size, f"extracting {name} from {path.name}")
+    h = hashlib.sha256()
+    written = 0
+    with zf.open(info) as src, open(tmp / name, "wb") as dst:
+        while block := src.read(_CHUNK):
+            written += len(block)
+            if written > min(cap, info.file_size):
+                raise BundleError(f"{path}: zip entry {name} inflates beyond its declared size; refusing it")
+            h.update(block)
+            dst.write(block)
+    actual = h.hexdigest()
+    if actual != digest:
+        raise BundleError(
+            f"{path}: sha256 mismatch for {name} (expected {digest[:12]}…, found {actual[:12]}…); "
+            "the file was modified or corrupted"
+        )
 
 
 def _shape_model_from_meta(src: Path, pca: Any) -> Any:
@@ -249,7 +330,8 @@ def _shape_model_from_meta(src: Path, pca: Any) -> Any:
 
 
 def read_bundle_meta(path: PathLike) -> dict[str, Any]:
-    """model.json of a bundle (dir or zip), schema-checked but without loading the network."""
+    """model.json of a bundle (dir or zip), schema-checked (every field's type, shape and range;
+    :mod:`bundle_schema`) but without loading the network."""
     p = Path(path)
     if not p.exists():
         raise BundleError(f"{p}: no such model bundle")
@@ -257,20 +339,31 @@ def read_bundle_meta(path: PathLike) -> dict[str, Any]:
         mj = p / MODEL_JSON
         if not mj.is_file():
             raise BundleError(f"{p}: missing {MODEL_JSON} (not a DeepSSM model bundle)")
-        text = mj.read_text(encoding="utf-8")
+        if mj.stat().st_size > MAX_MODEL_JSON_BYTES:
+            raise BundleError(f"{mj}: larger than {MAX_MODEL_JSON_BYTES >> 20} MiB; not a model description")
+        raw = mj.read_bytes()
     else:
         try:
             with zipfile.ZipFile(p) as zf:
-                text = zf.read(MODEL_JSON).decode("utf-8")
+                info = zf.getinfo(MODEL_JSON)
+                if info.file_size > MAX_MODEL_JSON_BYTES:
+                    raise BundleError(f"{p}: its {MODEL_JSON} declares {info.file_size} bytes; refusing it")
+                with zf.open(info) as f:
+                    raw = f.read(MAX_MODEL_JSON_BYTES + 1)
         except KeyError:
             raise BundleError(f"{p}: missing {MODEL_JSON} (not a DeepSSM model bundle)") from None
         except zipfile.BadZipFile:
             raise BundleError(f"{p}: neither a bundle directory nor a valid .zip bundle") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{p}/{MODEL_JSON}: not valid UTF-8 text (bad byte at offset {e.start})") from None
+    try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
         raise BundleError(f"{p}/{MODEL_JSON}: invalid JSON ({e})") from None
     _check_schema(p, meta)
+    validate_meta(meta, f"{p}/{MODEL_JSON}")
     return meta
 
 
@@ -278,7 +371,7 @@ def _check_schema(p: Path, meta: Any) -> None:
     if not isinstance(meta, dict) or meta.get("format") != "deepssm-bundle":
         raise BundleError(f"{p}/{MODEL_JSON}: not a DeepSSM model description (format field missing)")
     version = meta.get("schema_version")
-    if not isinstance(version, int):
+    if isinstance(version, bool) or not isinstance(version, int):
         raise BundleError(f"{p}/{MODEL_JSON}: schema_version must be an integer, found {version!r}")
     if version > SCHEMA_VERSION:
         raise BundleError(
@@ -289,6 +382,38 @@ def _check_schema(p: Path, meta: Any) -> None:
         raise BundleError(f"{p}: unknown bundle schema version {version}")
 
 
+def _verify_description(src: Path, meta: dict[str, Any]) -> None:
+    """The digest of model.json's own content, and its files table (known names, required ones)."""
+    if meta.get("content_sha256") != _content_digest(meta):
+        raise BundleError(f"{src}/{MODEL_JSON}: content digest mismatch (the model description was edited)")
+    files = meta["files"]
+    for name in files:
+        if name not in KNOWN_FILES:
+            raise BundleError(f"{src}/{MODEL_JSON}: lists an unknown file {name!r}")
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise BundleError(f"{src}: missing file(s) {sorted(set(missing))}")
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """Why a ``torch.load(..., weights_only=True)`` failed, in a few words, without torch's advice
+    to retry with ``weights_only=False`` (loading untrusted pickles runs arbitrary code)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        reason = next((line.strip() for line in rest if line.strip()), "")
+        reason = f"it holds something other than tensors ({reason})" if reason else ""
+    elif "Weights only load failed" in text:
+        reason = "it holds something other than tensors"
+    elif "central directory" in text or "zip archive" in text:
+        reason = "the file is truncated or corrupted (not a complete torch archive)"
+    else:
+        reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+    if not reason or "weights_only" in reason or "trust" in reason:
+        reason = type(exc).__name__
+    return reason[:300]
+
+
 def load_state_dict_safely(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load ``weights.pt`` as a plain ``{str: Tensor}`` dict, never unpickling objects."""
     import torch
@@ -296,10 +421,9 @@ def load_state_dict_safely(path: Path, map_location: Any = "cpu") -> dict[str, A
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BundleError(
             f"{path}: refusing to load weights that are not a plain state_dict of tensors "
-            f"(safe weights-only load failed: {first})"
+            f"({torch_load_reason(e)})"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -315,10 +439,15 @@ def load_bundle(path: PathLike, map_location: Any = "cpu") -> Bundle:
 
     src = Path(path)
     meta = read_bundle_meta(src)
+    _verify_description(src, meta)
     if src.is_dir():
+        _verify_files(src, src, meta["files"])
         return _load_from_dir(src, src, meta, map_location)
-    files_dir = _extract_zip(src)
+    files_dir = _extract_zip(src, meta)  # verified while streaming
     try:
+        missing = [f for f in meta["files"] if not (files_dir / f).is_file()]
+        if missing:
+            raise BundleError(f"{src}: missing file(s) {sorted(missing)}")
         bundle = _load_from_dir(src, files_dir, meta, map_location)
     except BaseException:
         shutil.rmtree(files_dir, ignore_errors=True)
@@ -328,23 +457,11 @@ def load_bundle(path: PathLike, map_location: Any = "cpu") -> Bundle:
     return bundle
 
 
-def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_location: Any) -> Bundle:
-    import torch
-
-    from . import io
-
-    files = meta.get("files")
-    if not isinstance(files, dict):
-        raise BundleError(f"{src}/{MODEL_JSON}: lacks the 'files' table of sha256 digests")
-    if meta.get("content_sha256") != _content_digest(meta):
-        raise BundleError(f"{src}/{MODEL_JSON}: content digest mismatch (the model description was edited)")
-    missing = [f for f in REQUIRED_FILES if f not in files]
-    missing += [f for f in files if not (files_dir / f).is_file()]
+def _verify_files(src: Path, files_dir: Path, files: dict[str, str]) -> None:
+    missing = [f for f in files if not (files_dir / f).is_file()]
     if missing:
         raise BundleError(f"{src}: missing file(s) {sorted(set(missing))}")
     for name, digest in files.items():
-        if name not in KNOWN_FILES:
-            raise BundleError(f"{src}/{MODEL_JSON}: lists an unknown file {name!r}")
         actual = sha256_file(files_dir / name)
         if actual != digest:
             raise BundleError(
@@ -352,6 +469,9 @@ def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_locatio
                 "the file was modified or corrupted"
             )
 
+
+def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_location: Any) -> Bundle:
+    """Build the Bundle from verified files (``meta`` schema-checked, digests matched)."""
     try:
         grid = Grid.from_dict(meta["reference_grid"])
         normalizer = IntensityNormalizer.from_dict(meta["normalizer"])
@@ -363,17 +483,52 @@ def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_locatio
         raise BundleError(f"{src}/{MODEL_JSON}: {e}") from None
     shape_model = _shape_model_from_meta(src, meta.get("pca"))
 
+    mean = _read_bundle_particles(src, files_dir, MEAN_PARTICLES, n_particles)
+    network = _load_network(src, files_dir, architecture, map_location)
+    template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in meta["files"] else None
+    template_pts = None
+    if TEMPLATE_PARTICLES in meta["files"]:
+        template_pts = _read_bundle_particles(src, files_dir, TEMPLATE_PARTICLES, n_particles)
+    return Bundle(
+        path=src,
+        meta=meta,
+        network=network,
+        architecture=architecture,
+        grid=grid,
+        normalizer=normalizer,
+        shape_model=shape_model,
+        mean_particles=mean,
+        reference_image_path=files_dir / REFERENCE_IMAGE,
+        template_mesh_path=template_mesh,
+        template_particles=template_pts,
+        _files_dir=files_dir,
+    )
+
+
+def _read_bundle_particles(src: Path, files_dir: Path, name: str, n_particles: int) -> np.ndarray:
+    """A bundle's particle file, ``(n_particles, 3)`` mm, or a BundleError naming it."""
+    from . import io
+
     try:
-        mean = io.read_particles(files_dir / MEAN_PARTICLES)
+        pts = io.read_particles(files_dir / name)
     except InputError as e:
         raise BundleError(str(e)) from None
-    if mean.shape != (n_particles, 3):
+    if pts.shape != (n_particles, 3):
         raise BundleError(
-            f"{src}: {MEAN_PARTICLES} has {mean.shape[0]} points, model.json says {n_particles}"
+            f"{src}: {name} has {pts.shape[0]} points, model.json says {n_particles} "
+            "(the bundle is damaged: re-save or retrain it)"
         )
+    return pts
+
+
+def _load_network(src: Path, files_dir: Path, architecture: dict[str, Any], map_location: Any) -> Any:
+    """The network of ``architecture`` with the bundle's weights (keys, shapes, finiteness checked),
+    in eval mode on ``map_location``."""
+    import torch
+
+    from .networks import build_network
 
     state = load_state_dict_safely(files_dir / WEIGHTS, map_location=map_location)
-    from .networks import build_network
 
     try:
         network = build_network(architecture)
@@ -390,25 +545,13 @@ def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_locatio
     if problems:
         shown = "; ".join(problems[:6]) + (f"; … ({len(problems)} in all)" if len(problems) > 6 else "")
         raise BundleError(f"{src}/{WEIGHTS}: weights do not match the architecture: {shown}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise BundleError(
+            f"{src}/{WEIGHTS}: the network weights contain NaN or Inf ({', '.join(bad[:4])}"
+            f"{' …' if len(bad) > 4 else ''}); the training diverged or the file is damaged: retrain the model"
+        )
     network.load_state_dict(state, strict=True)
     network.to(torch.device(map_location) if isinstance(map_location, str | torch.device) else "cpu")
     network.eval()
-
-    template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in files else None
-    template_pts = None
-    if TEMPLATE_PARTICLES in files:
-        template_pts = io.read_particles(files_dir / TEMPLATE_PARTICLES)
-    return Bundle(
-        path=src,
-        meta=meta,
-        network=network,
-        architecture=architecture,
-        grid=grid,
-        normalizer=normalizer,
-        shape_model=shape_model,
-        mean_particles=mean,
-        reference_image_path=files_dir / REFERENCE_IMAGE,
-        template_mesh_path=template_mesh,
-        template_particles=template_pts,
-        _files_dir=files_dir,
-    )
+    return network

@@ -100,7 +100,16 @@ def read_particles(path: PathLike) -> np.ndarray:
         elif suffix == ".csv":
             pts = _read_particles_csv(p, text)
         else:
-            pts = np.loadtxt(_io.StringIO(text), dtype=np.float64, ndmin=2)
+            try:
+                pts = np.loadtxt(_io.StringIO(text), dtype=np.float64, ndmin=2)
+            except ValueError:
+                # numpy counts rows from 0 in some messages and from 1 in others: name the line ourselves
+                bad = _first_bad_line(text)
+                if bad is None:
+                    raise
+                raise InputError(
+                    f"{p}: cannot parse particles: {bad}; expected 3 numbers x y z per line"
+                ) from None
     except InputError:
         raise
     except (ValueError, OSError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
@@ -114,6 +123,26 @@ def read_particles(path: PathLike) -> np.ndarray:
             f"(first at point {bad[0] + 1}: {pts[bad[0]].tolist()}); expected finite x y z in mm"
         )
     return pts
+
+
+def _first_bad_line(text: str) -> str | None:
+    """``"line N: ..."`` (1-based, as an editor shows it) for the first line of a whitespace
+    particles file that is not 3 numbers, or None. Blank lines and ``#`` comments are skipped."""
+    width = None
+    for n, line in enumerate(text.splitlines(), start=1):
+        values = line.split("#", 1)[0].split()
+        if not values:
+            continue
+        for v in values:
+            try:
+                float(v)
+            except ValueError:
+                return f"line {n}: {v!r} is not a number"
+        if width is None:
+            width = len(values)
+        elif len(values) != width:
+            return f"line {n}: {len(values)} values where the lines before have {width}"
+    return None
 
 
 def _read_particles_csv(p: Path, text: str) -> np.ndarray:

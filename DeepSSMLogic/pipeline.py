@@ -44,13 +44,20 @@ def reference_grid(
     margin_mm: float = 10.0,
     min_size: int | Sequence[int] | None = None,
     downsample: float = 1.0,
+    *,
+    ids: Sequence[str] | None = None,
+    spacing_source: str = "--spacing",
+    max_voxels: int | None = None,
 ) -> Grid:
     """Reference grid: bounding box of ``particles`` ``(N, M, 3)`` (mm, LPS) plus ``margin_mm``.
 
     ``spacing`` (mm, scalar or x,y,z) is multiplied by ``downsample`` (the paper's downsampling
     factor: 2 halves the voxels per axis). ``min_size`` (voxels, scalar or x,y,z) grows the grid
     symmetrically about the box centre so small anatomies still fit a network's receptive field.
-    The direction is the identity.
+    The direction is the identity. A grid of more than ``max_voxels`` (default
+    :data:`MAX_GRID_VOXELS`) voxels is refused with an error naming the subject whose particles
+    set the extent (``ids``, in the order of ``particles``) and where the spacing came from
+    (``spacing_source``, e.g. ``"--spacing"``).
     """
     pts = np.asarray(particles, dtype=np.float64)
     if pts.ndim < 2 or pts.shape[-1] != 3 or pts.size == 0:
@@ -64,6 +71,7 @@ def reference_grid(
     sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)) * float(downsample)
     if not np.all(sp > 0):
         raise InputError(f"reference_grid: spacing must be positive, found {tuple(sp)}")
+    _check_voxel_budget(pts, sp, margin_mm, ids, spacing_source, max_voxels or MAX_GRID_VOXELS)
     grid = Grid.bounding(pts, tuple(float(s) for s in sp), margin_mm)
     if min_size is not None:
         want = np.broadcast_to(np.asarray(min_size, dtype=np.int64), (3,))
@@ -73,6 +81,48 @@ def reference_grid(
         origin = np.asarray(grid.origin) - (new_size - size) * sp / 2.0
         grid = Grid(tuple(origin.tolist()), grid.spacing, tuple(int(s) for s in new_size))
     return grid
+
+
+# 384^3 voxels: 216 MiB per float32 volume; the paper's grids are ~120^3 and the network's memory
+# grows with the voxel count, so a larger grid is almost always a spacing mistake.
+MAX_GRID_VOXELS = 384**3
+
+
+def _check_voxel_budget(
+    pts: np.ndarray,
+    spacing: np.ndarray,
+    margin_mm: float,
+    ids: Sequence[str] | None,
+    spacing_source: str,
+    max_voxels: int,
+) -> None:
+    """Refuse a reference grid over ``max_voxels`` before anything is allocated (sizes in float:
+    a 1e30 mm coordinate must not overflow to a negative voxel count)."""
+    from .errors import format_bytes
+
+    flat = pts.reshape(-1, pts.shape[-1]) if pts.ndim > 2 else pts
+    lo, hi = flat.min(axis=0) - margin_mm, flat.max(axis=0) + margin_mm
+    with np.errstate(over="ignore", invalid="ignore"):
+        size = np.ceil((hi - lo) / spacing) + 1
+        voxels = float(np.prod(size))
+    if np.all(np.isfinite(size)) and voxels <= max_voxels:
+        return
+    per_subject = pts.reshape(pts.shape[0], -1, 3) if pts.ndim == 3 else pts[None]
+    centre = np.median(per_subject.reshape(-1, 3), axis=0)
+    far = np.abs(per_subject - centre).max(axis=(1, 2))
+    worst = int(np.argmax(far))
+    who = f"subject {ids[worst]!r}" if ids is not None and worst < len(ids) else f"subject #{worst + 1}"
+    extent = (hi - lo).tolist()
+    shown = "x".join(f"{v:.3g}" for v in size.tolist())
+    per_image = format_bytes(voxels * 4) if np.isfinite(voxels) else "an unbounded size"
+    raise InputError(
+        f"reference grid too large: the training particles span {', '.join(f'{e:.4g}' for e in extent)} mm "
+        f"(farthest out: {who}, {far[worst]:.4g} mm from the cohort's median point) and the spacing is "
+        f"{', '.join(f'{v:.4g}' for v in spacing.tolist())} mm (from {spacing_source}): {shown} voxels, "
+        f"{per_image} per image, over the limit "
+        f"of {max_voxels} voxels. Check that subject's particle coordinates (mm), or choose a coarser "
+        "--spacing (or --downsample 2-4)"
+    )
 
 
 def _subject_field(subject: Any, name: str) -> Any:
@@ -191,6 +241,8 @@ class TrainingOptions:
     device: str = "auto"
     seed: int = 0
     resume: bool = False
+    restart: bool = False  # discard an existing checkpoint (without it, one is refused unless resume)
+    overwrite: bool = False  # replace a file at ``out`` that is not a bundle (a folder never)
     spacing: float | None = None
     downsample: float = 1.0
     margin_mm: float = 10.0
@@ -416,7 +468,15 @@ def train_model(
     spacing = opts.spacing
     if spacing is None:
         spacing = tuple(float(v) for v in io.read_image(train_subjects[0].image).GetSpacing())
-    grid = reference_grid(particles, spacing, opts.margin_mm, downsample=opts.downsample)
+    grid = reference_grid(
+        particles,
+        spacing,
+        opts.margin_mm,
+        downsample=opts.downsample,
+        ids=[s.id for s in train_subjects],
+        spacing_source=spacing_source(opts.spacing, train_subjects[0], opts.downsample),
+    )
+    check_training_outputs(out, work, opts, grid, particles.shape[1])
     padding = choose_conv_padding(grid, opts.conv_padding)
     arrays = prepare_training_arrays(train_subjects, grid, progress, cancel)
     val_arrays = prepare_training_arrays(val_subjects, grid, progress, cancel) if val_subjects else None
@@ -556,6 +616,52 @@ def train_model(
     )
     release_group()
     return TrainOutcome(path, work, summary)
+
+
+def spacing_source(spacing: float | None, first: Any, downsample: float = 1.0) -> str:
+    """Where the grid spacing came from, for messages: ``--spacing`` or the first training image."""
+    src = "--spacing" if spacing is not None else f"the image of {first.id!r} ({first.image}); set --spacing"
+    return src + (f", times --downsample {downsample:g}" if downsample != 1.0 else "")
+
+
+def check_training_outputs(
+    out: Path, work: Path, opts: TrainingOptions, grid: Grid, n_particles: int
+) -> None:
+    """The output-path policy for ``train``, before any image is read (see ``docs/ERRORS.md``).
+
+    ``out`` must be absent, an empty folder or an earlier bundle (a foreign file only with
+    ``overwrite``); ``work`` a folder; an existing checkpoint needs ``resume`` or ``restart``; and
+    the free space must cover the estimates: the bundle (reference image, mean shape) and, in
+    ``work``, the offline augmented set (n x grid voxels x 4 bytes + particles).
+    """
+    from .augment.dataset import estimate_set_bytes
+    from .errors import OutputExistsError
+    from .fileutil import check_output_dir, check_replace_target, is_augmented_set, is_bundle
+    from .training import CHECKPOINT_NAME
+
+    if opts.resume and opts.restart:
+        raise InputError("--resume and --restart exclude each other: continue the checkpoint, or start over")
+    voxels = int(np.prod(grid.size))
+    bundle_bytes = 2 * voxels * 4 + n_particles * 3 * 8 * 4
+    check_replace_target(
+        out, is_bundle, "DeepSSM model bundle", overwrite=opts.overwrite, needed_bytes=bundle_bytes
+    )
+    if work.resolve() == out.resolve():
+        raise InputError(f"--work-dir {work}: must differ from --out (the bundle replaces its folder)")
+    check_output_dir(work, writes=["augmentation/", "training/"], flag="--work-dir")
+    checkpoint = work / "training" / CHECKPOINT_NAME
+    if checkpoint.exists() and not (opts.resume or opts.restart):
+        raise OutputExistsError(
+            checkpoint,
+            "a training checkpoint of an earlier run is there",
+            "pass --resume to continue that run, or --restart to discard the checkpoint and start over",
+        )
+    aug_dir = work / "augmentation"
+    if opts.augment > 0 and not opts.augment_online and not is_augmented_set(aug_dir):
+        from .fileutil import require_free_space
+
+        need = estimate_set_bytes(opts.augment, grid, n_particles, segmentations=True)
+        require_free_space(work, need, f"the augmented set of {opts.augment} samples")
 
 
 def _options_dict(opts: TrainingOptions) -> dict[str, Any]:

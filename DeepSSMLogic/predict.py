@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .errors import InputError
+from .errors import BundleError, InputError, IntensityRangeWarning
 from .geometry import Grid
 from .progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
 
@@ -439,6 +439,59 @@ def resolve_device(device: str | Any = "auto") -> Any:
 
 
 # -- the predictor ----------------------------------------------------------------------------------
+def prediction_files(stem: str, mesh: bool = False) -> list[str]:
+    """The files ``deepssm predict`` writes for one image: particles, description, mesh."""
+    return [f"{stem}.particles", f"{stem}.json"] + ([f"{stem}.vtk"] if mesh else [])
+
+
+def is_own_prediction(path: Path) -> bool:
+    """Whether ``path`` (``<stem>.particles|.json|.vtk``) belongs to a prediction this command wrote:
+    its ``<stem>.json`` names ``<stem>.particles`` as its particles file."""
+    from .fileutil import read_json_object
+
+    for suffix in (".particles", ".json", ".vtk"):
+        if path.name.endswith(suffix):
+            stem = path.name[: -len(suffix)]
+            doc = read_json_object(path.parent / f"{stem}.json")
+            return doc is not None and doc.get("particles_file") == f"{stem}.particles"
+    return False
+
+
+def check_prediction_outputs(
+    out: PathLike, stems: Sequence[str], mesh: bool, overwrite: bool = False
+) -> Path:
+    """The output-path policy for ``predict`` (before the bundle is loaded): ``out`` is a folder
+    (or absent); each image's files may replace earlier predictions, foreign files only with
+    ``overwrite``, folders in their way never."""
+    from .fileutil import check_output_dir
+
+    names = [name for stem in stems for name in prediction_files(stem, mesh)]
+    return check_output_dir(
+        out, names, is_own_prediction, overwrite=overwrite, needed_bytes=len(names) * 4096
+    )
+
+
+def warn_if_outside_training_range(array: np.ndarray, normalizer: Any, label: str) -> bool:
+    """Warn (:class:`IntensityRangeWarning`) when the image on the reference grid looks unlike the
+    training images: its median lies outside the training clip range (the 0.5-99.5 percentiles),
+    or its 1-99 percentile range overlaps less than a quarter of that range (different modality,
+    units or rescaling). Returns whether it warned."""
+    lo, hi = float(normalizer.clip_low), float(normalizer.clip_high)
+    sample = np.asarray(array, dtype=np.float32).ravel()[:: max(1, array.size // 1_000_000)]
+    p1, med, p99 = (float(v) for v in np.percentile(sample, (1, 50, 99)))
+    span = max(hi - lo, 1e-12)
+    overlap = max(0.0, min(p99, hi) - max(p1, lo)) / span
+    if lo <= med <= hi and overlap >= 0.25:
+        return False
+    warnings.warn(
+        f"{label}: intensities (1-99% {p1:.4g}..{p99:.4g}, median {med:.4g}) lie far outside the "
+        f"training range ({lo:.4g}..{hi:.4g}); check the modality and units (the prediction may be poor)",
+        IntensityRangeWarning,
+        stacklevel=2,
+    )
+    return True
+
+
 class Predictor:
     """A resident model: load the bundle once, then predict any number of images.
 
@@ -565,6 +618,7 @@ class Predictor:
         alignment = self.alignment_for(img)
         t2 = time.perf_counter()
         arr = resample_to_grid(img, self.grid, transform=alignment.transform)
+        warn_if_outside_training_range(arr, self.normalizer, label)
         x = self.normalizer(arr)
         t3 = time.perf_counter()
         return x, alignment, label, {"read_check": t1 - t0, "align": t2 - t1, "resample_normalise": t3 - t2}
@@ -612,6 +666,11 @@ class Predictor:
             t_fwd = (time.perf_counter() - t0) / len(chunk)
             self.device = used  # after a CPU fallback, stay on the CPU
             for j in range(len(chunk)):
+                if not np.all(np.isfinite(parts[j])):
+                    raise BundleError(
+                        f"{labels[j]}: the network produced NaN or Inf particles; the model bundle "
+                        f"{self.bundle.path} is damaged (weights or normaliser): retrain or restore it"
+                    )
                 t1 = time.perf_counter()
                 p_in = apply_matrix(aligns[j].matrix, parts[j])
                 t = dict(timings[j], forward=t_fwd, map_back=time.perf_counter() - t1)

@@ -41,7 +41,13 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .fileutil import atomic_path, atomic_write_json, atomic_write_text
+from .fileutil import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    check_replace_target,
+    is_synthetic_cohort,
+)
 from .geometry import Grid
 from .progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
 
@@ -841,10 +847,15 @@ def generate_cohort(
     if len(split_t) != 3 or min(split_t) < 0 or not sum(split_t) > 0:
         raise InputError(f"split needs 3 non-negative fractions (train, val, test), found {split_t}")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "cohort.csv").exists())):
-        raise InputError(
-            f"{out}: refusing to replace it: it exists and is not a synthetic cohort (no cohort.csv)"
-        )
+    # compressed int16 image + uint8 labels: about a byte per voxel at least, plus mesh and particles
+    needed = int(n) * (int(np.prod(image_size)) + 200 * int(n_particles))
+    check_replace_target(
+        out,
+        is_synthetic_cohort,
+        "synthetic cohort written by deepssm synth",
+        needed_bytes=needed,
+        overwrite_flag=None,
+    )
     n = int(n)
     root = np.random.SeedSequence(int(seed))
     cohort_seq, *subject_seqs = root.spawn(n + 1)
@@ -860,7 +871,7 @@ def generate_cohort(
 
     rows: list[dict[str, str]] = []
     subjects_meta: list[tuple[str, str]] = []
-    with atomic_path(out) as tmp:
+    with atomic_path(out, replace_dir=is_synthetic_cohort) as tmp:
         for sub in ("images", "segmentations", "meshes", "particles"):
             (tmp / sub).mkdir(parents=True)
         for i in range(n):

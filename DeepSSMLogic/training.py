@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from .errors import DeepSSMError, InputError
-from .fileutil import atomic_path, atomic_write_text
+from .fileutil import atomic_write_text, save_torch
 from .losses import (
     FOCAL_A_LATENT,
     FOCAL_A_PARTICLES,
@@ -561,13 +561,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``checkpoint.pt`` safely (``weights_only=True``, CPU)."""
+    from .bundle import torch_load_reason
+
     path = Path(path)
+    advice = "pass --restart to discard it and train from the start (or restore a good copy)"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        raise InputError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"{path}: the training checkpoint is unreadable ({torch_load_reason(e)}); {advice}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not a DeepSSM training checkpoint of format {CHECKPOINT_FORMAT}")
+        raise InputError(f"{path}: not a DeepSSM training checkpoint of format {CHECKPOINT_FORMAT}; {advice}")
     return ckpt
 
 
@@ -866,8 +871,7 @@ def _train(
                     "stopped_early": stopped_early,
                     "rng": _rng_state(),
                 }
-                with atomic_path(out_dir / CHECKPOINT_NAME) as tmp:
-                    torch.save(ckpt_obj, tmp)
+                save_torch(ckpt_obj, out_dir / CHECKPOINT_NAME)
                 _write_log(out_dir, history)
             dist.barrier()
             done = sum(s.epochs for s in stages[:si]) + epoch + 1

@@ -12,7 +12,7 @@ import pytest
 
 from DeepSSMLogic import synthetic as S
 from DeepSSMLogic.cli import main
-from DeepSSMLogic.errors import CancelledError, InputError
+from DeepSSMLogic.errors import CancelledError, InputError, OutputExistsError
 from DeepSSMLogic.progress import CancelToken, ProgressEvent
 
 FAMILIES = S.FAMILIES
@@ -285,7 +285,7 @@ def test_generate_cohort_rejects_bad_input(tmp_path, kwargs, needle):
 def test_generate_cohort_refuses_to_replace_a_foreign_directory(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(InputError, match="not a synthetic cohort"):
+    with pytest.raises(OutputExistsError, match="not a synthetic cohort"):
         S.generate_cohort("femur", 2, tmp_path / "mine", 0)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

@@ -197,6 +197,7 @@ def run_train(args: argparse.Namespace, progress: ProgressCallback, stream: Text
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,
+        restart=True,  # the module's Train button starts a fresh run (it offers no resume)
     )
     outcome = train_model(args.cohort, args.out, options, progress)
     bundle = outcome.bundle if outcome.bundle is not None else args.out

@@ -25,8 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..fileutil import atomic_path, atomic_write_json
+from ..errors import InputError, OutputExistsError
+from ..fileutil import (
+    atomic_path,
+    atomic_write_json,
+    check_output_dir,
+    is_augmented_set,
+    preallocate,
+    require_free_space,
+    write_at,
+)
 from ..geometry import Grid
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
 from .tps import DEFAULT_BAND, DEFAULT_COARSE, fit_warp, resample, sampling_positions, warp_images
@@ -93,6 +101,39 @@ def _label_dtype(segmentations: np.ndarray) -> np.dtype:
     return np.dtype(np.int32)
 
 
+def estimate_set_bytes(n: int, grid: Grid, n_particles: int, segmentations: bool = False) -> int:
+    """Disk space of an offline set of ``n`` samples on ``grid``: images (float32), optional labels
+    (uint8), particles (float64) and a margin for scores, sources and metadata. Bytes."""
+    voxels = int(np.prod(grid.size))
+    per_sample = voxels * (4 + (1 if segmentations else 0)) + n_particles * 3 * 8 + 1024
+    return int(n) * per_sample + (64 << 10)
+
+
+_SET_FILES = {"images.npy", "segmentations.npy", "particles.npy", "scores.npy", "source.npy"}
+
+
+def check_set_location(
+    out_dir: str | os.PathLike[str], n: int, grid: Grid, n_particles: int, segmentations: bool = False
+) -> None:
+    """Before any work: ``out_dir`` is absent, empty, an augmented set (resumed) or the files of an
+    interrupted set-up; anything else is refused (:class:`OutputExistsError`: nothing in it is ever
+    deleted). A new set must fit in the free space (:class:`DiskFullError`)."""
+    out = Path(out_dir)
+    check_output_dir(out, writes=[META, *sorted(_SET_FILES), "nrrd/"], owned=lambda p: True)
+    if is_augmented_set(out):
+        return
+    if out.is_dir():
+        leftovers = sorted(p.name for p in out.iterdir() if p.name != "nrrd" and not p.name.startswith("."))
+        if not set(leftovers) <= _SET_FILES:  # files without augmentation.json: an interrupted set-up
+            raise OutputExistsError(
+                out,
+                f"--out exists and is not an augmented set (it holds {', '.join(leftovers[:5])})",
+                "deepssm never deletes a folder it did not write: choose another --out",
+            )
+    need = estimate_set_bytes(n, grid, n_particles, segmentations)
+    require_free_space(out, need, f"the augmented set of {n} samples")
+
+
 def write_augmented_set(
     out_dir: str | os.PathLike[str],
     images: np.ndarray,
@@ -142,6 +183,7 @@ def write_augmented_set(
         "segmentations": segmentations is not None,
     }
     meta_path = out / META
+    check_set_location(out, n, grid, pts.shape[1], segmentations is not None)
     if meta_path.exists():
         meta = _read_meta(out)
         diff = [k for k in params if meta.get("parameters", {}).get(k) != params[k]]
@@ -152,18 +194,9 @@ def write_augmented_set(
             )
         chunk = int(meta["chunk"])
         done = int(meta["completed"])
+        if done < int(meta["count"]):
+            _reserve(out)  # a set begun by an older version may be sparse: reserve its space now
     else:
-        if out.exists() and any(p.name != "nrrd" and not p.name.startswith(".") for p in out.iterdir()):
-            leftovers = sorted(p.name for p in out.iterdir())
-            # Files without augmentation.json are an interrupted set-up (or a foreign directory).
-            if not set(leftovers) <= {
-                "images.npy",
-                "segmentations.npy",
-                "particles.npy",
-                "scores.npy",
-                "source.npy",
-            }:
-                raise InputError(f"{out}: exists and is not an augmented set (found {leftovers[:5]})")
         meta = _initialise(out, imgs, pts, shape_model, sampler, n, seed, params, chunk, segmentations)
         done = 0
 
@@ -224,11 +257,10 @@ def _initialise(
             np.save(tmp, arr)
     shape = (n,) + tuple(imgs.shape[1:])
     with atomic_path(out / "images.npy") as tmp:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape).flush()
+        _create_array_file(tmp, np.dtype(np.float32), shape)
     if segmentations is not None:
         with atomic_path(out / "segmentations.npy") as tmp:
-            dt = _label_dtype(np.asarray(segmentations))
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=shape).flush()
+            _create_array_file(tmp, _label_dtype(np.asarray(segmentations)), shape)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -248,12 +280,40 @@ def _initialise(
     return meta
 
 
-def _write_rows(path: Path, start: int, rows: np.ndarray) -> None:
-    # Map, write, flush and unmap per chunk: resident memory never accumulates across the file.
-    mm = np.load(path, mmap_mode="r+")
-    mm[start : start + rows.shape[0]] = rows
-    mm.flush()
+def _create_array_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """An ``.npy`` file of zeros with its disk space reserved (a full disk fails here, at set-up,
+    with :class:`DiskFullError`, not later as SIGBUS in a write through a sparse memory map)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        )
+        offset = f.tell()
+    preallocate(path, offset + int(np.prod(shape)) * dtype.itemsize)
+
+
+def _reserve(out: Path) -> None:
+    for name in ("images.npy", "segmentations.npy"):
+        if (out / name).exists():
+            offset, shape, dtype = _array_layout(out / name)
+            preallocate(out / name, offset + int(np.prod(shape)) * dtype.itemsize)
+
+
+def _array_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """``(data offset in bytes, shape, dtype)`` of a C-ordered ``.npy`` file."""
+    mm = np.load(path, mmap_mode="r")
+    layout = (int(mm.offset), tuple(mm.shape), mm.dtype)
     del mm
+    return layout
+
+
+def _write_rows(path: Path, start: int, rows: np.ndarray) -> None:
+    # Ordinary writes at the rows' offset, not a writable memory map: a full disk is then an
+    # ENOSPC (DiskFullError) and never a SIGBUS; resident memory stays one chunk.
+    offset, shape, dtype = _array_layout(path)
+    if tuple(rows.shape[1:]) != shape[1:] or start + rows.shape[0] > shape[0]:
+        raise InputError(f"{path}: rows {start}..{start + rows.shape[0]} of {rows.shape} do not fit {shape}")
+    data = np.ascontiguousarray(rows, dtype=dtype)
+    write_at(path, offset + start * int(np.prod(shape[1:])) * dtype.itemsize, memoryview(data).cast("B"))
 
 
 def _read_meta(out: Path) -> dict[str, Any]:

@@ -25,6 +25,16 @@ def add_device_option(
     parser.add_argument("--device", default=default, help=help)
 
 
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace existing *files* this command did not write (folders never are;
+    see docs/ERRORS.md)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing files at the output that deepssm did not write (a folder is never deleted)",
+    )
+
+
 def tqdm_progress(disable: bool = False) -> tuple[ProgressCallback, Any]:
     """A progress callback drawing one tqdm bar per stage; returns ``(callback, close)``."""
     from tqdm import tqdm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import add_device_option, progress_bars
+from . import add_device_option, add_overwrite_option, progress_bars
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,11 +55,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-align", action="store_true", help="with --model: images are in the model frame")
     parser.add_argument("--no-figures", action="store_true", help="numbers only: no renders, no report.html")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite_option(parser)
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fileutil import check_output_dir, json_marker
+
+    outputs = ["analysis.json", "subjects.csv", "report.html", "figures/"]
+    check_output_dir(
+        args.out, outputs, json_marker("analysis.json", "severity", "classifier"), overwrite=args.overwrite
+    )
     from ..analysis.downstream import analyze_cohort
     from ..errors import InputError
 

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import io
     from ..augment import make_sampler, quality_report
-    from ..augment.dataset import write_augmented_set
+    from ..augment.dataset import check_set_location, write_augmented_set
     from ..augment.tps import DEFAULT_COARSE
     from ..cohort import load_cohort
     from ..errors import InputError
@@ -76,7 +76,14 @@ def run(args: argparse.Namespace) -> int:
         spacing = args.spacing
         if spacing is None:
             spacing = tuple(float(v) for v in io.read_image(subjects[0].image).GetSpacing())
-        grid = reference_grid(particles, spacing, args.margin)
+        grid = reference_grid(particles, spacing, args.margin, ids=[s.id for s in subjects])
+        check_set_location(
+            args.out,
+            args.n,
+            grid,
+            particles.shape[1],
+            all(getattr(s, "segmentation", None) for s in subjects),
+        )
         arrays = prepare_training_arrays(subjects, grid, report)
         shape_model = ShapeModel.fit(arrays.particles)
         real_scores = shape_model.project(arrays.particles)

@@ -98,6 +98,7 @@ def run_demo(
         seed=s.seed,
         spacing=s.grid_spacing,
         conv_padding="same",
+        restart=True,  # the demo folder is the demo's own: a rerun starts over
         extra=dict(s.extra),
     )
     outcome = train_model(cohort, out / "model", options, progress)

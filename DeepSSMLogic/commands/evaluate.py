@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import add_device_option, progress_bars
+from . import add_device_option, add_overwrite_option, progress_bars
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,11 +45,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-figures", action="store_true", help="metrics only: no renders, no report.html")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite_option(parser)
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fileutil import check_output_dir, json_marker
+
+    outputs = [
+        "metrics.json",
+        "subjects.csv",
+        "per_point_rmse.csv",
+        "report.html",
+        "predictions/",
+        "figures/",
+    ]
+    check_output_dir(
+        args.out, outputs, json_marker("metrics.json", "model", "rmse_mm"), overwrite=args.overwrite
+    )
     from ..analysis.evaluation import evaluate_model
 
     with progress_bars(disable=args.quiet) as report:

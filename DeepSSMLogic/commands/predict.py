@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from . import add_device_option, progress_bars
+from . import add_device_option, add_overwrite_option, progress_bars
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_device_option(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-image lines")
+    add_overwrite_option(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -53,7 +54,7 @@ def output_stem(path: str | Path) -> str:
 def run(args: argparse.Namespace) -> int:
     from .. import io
     from ..fileutil import atomic_write_json
-    from ..predict import Predictor, RegistrationSettings
+    from ..predict import Predictor, RegistrationSettings, check_prediction_outputs
 
     stems = [output_stem(p) for p in args.images]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise InputError(f"image file(s) not found: {missing}")
+    check_prediction_outputs(args.out, stems, args.mesh, args.overwrite)
     predictor = Predictor(
         args.model,
         device=args.device,

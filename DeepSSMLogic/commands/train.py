@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-from . import add_device_option, progress_bars
+from . import add_device_option, add_overwrite_option, progress_bars
 from . import tqdm_progress as tqdm_progress  # re-exported: it lived here before commands/__init__
 
 
@@ -64,6 +64,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its checkpoint"
     )
+    parser.add_argument(
+        "--restart", action="store_true", help="discard an existing checkpoint and train from the start"
+    )
+    add_overwrite_option(parser)
     parser.add_argument("--spacing", type=float, help="reference grid spacing in mm (default: the images')")
     parser.add_argument(
         "--downsample", type=float, default=1.0, help="multiply the spacing by this factor (paper: 1-4)"
@@ -117,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         resume=args.resume,
+        restart=args.restart,
+        overwrite=args.overwrite,
         spacing=args.spacing,
         downsample=args.downsample,
         margin_mm=args.margin,

@@ -1,0 +1,148 @@
+"""The ``model.json`` schema of a model bundle: each field a loader relies on, checked for type,
+shape, range and finiteness, with a :class:`~DeepSSMLogic.errors.BundleError` naming the field.
+
+Checked independently of the content digest: a ``model.json`` whose digest was recomputed after an
+edit still has to be well formed. Numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError
+
+MAX_PARTICLES = 10_000_000
+MAX_GRID_VOXELS = 1024**3  # far above any trainable grid; a guard against absurd sizes
+DESCRIPTOR_KINDS = ("pca", "latent")
+VARIANTS = ("base", "tl")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+PCA_ARRAYS = ("mean", "components", "eigenvalues", "score_mean", "score_std")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """Checks with messages of the form ``<where>: field 'a.b': expected ..., found ...``."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, field: str, expected: str, found: Any) -> None:
+        raise BundleError(f"{self.where}: field {field!r}: expected {expected}, found {_show(found)}")
+
+    def get(self, obj: dict[str, Any], field: str, key: str) -> Any:
+        if key not in obj:
+            raise BundleError(f"{self.where}: lacks the field {field!r}")
+        return obj[key]
+
+    def mapping(self, obj: dict[str, Any], field: str, key: str, optional: bool = False) -> dict[str, Any]:
+        if optional and obj.get(key) is None:
+            return {}
+        value = self.get(obj, field, key)
+        if not isinstance(value, dict):
+            self.fail(field, "an object", value)
+        return value
+
+    def number(self, value: Any, field: str, positive: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            self.fail(field, "a finite number", value)
+        if positive and not value > 0:
+            self.fail(field, "a positive number", value)
+        return float(value)
+
+    def integer(self, value: Any, field: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(field, f"an integer in {low}..{high}", value)
+        return int(value)
+
+    def vector(self, value: Any, field: str, n: int, positive: bool = False) -> list[float]:
+        if not isinstance(value, list) or len(value) != n:
+            self.fail(field, f"a list of {n} numbers", value)
+        return [self.number(v, f"{field}[{i}]", positive) for i, v in enumerate(value)]
+
+    def array(self, value: Any, field: str) -> np.ndarray:
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            self.fail(field, "a numeric (nested) list of equal-length rows", value)
+        if arr.dtype == object or not np.all(np.isfinite(arr)):
+            self.fail(field, "finite numbers only (no NaN or Infinity)", "non-finite values")
+        return arr
+
+
+def validate_meta(meta: dict[str, Any], where: str) -> None:
+    """Raise :class:`BundleError` at the first field of ``meta`` (a parsed model.json, format and
+    schema version already checked) that a loader could not use; ``where`` prefixes the message."""
+    f = _Fields(where)
+    kind = meta.get("descriptor_kind", "pca")
+    if kind not in DESCRIPTOR_KINDS:
+        f.fail("descriptor_kind", f"one of {list(DESCRIPTOR_KINDS)}", kind)
+    arch = f.mapping(meta, "architecture", "architecture")
+    if arch.get("variant") not in VARIANTS:
+        f.fail("architecture.variant", f"one of {list(VARIANTS)}", arch.get("variant"))
+    for key in ("hyperparameters", "training_summary"):
+        f.mapping(meta, key, key, optional=True)
+    _validate_grid(f, f.mapping(meta, "reference_grid", "reference_grid"))
+    _validate_normalizer(f, f.mapping(meta, "normalizer", "normalizer"))
+    n = f.integer(f.get(meta, "n_particles", "n_particles"), "n_particles", 1, MAX_PARTICLES)
+    _validate_pca(f, meta.get("pca"), n)
+    files = f.mapping(meta, "files", "files")
+    for name, digest in files.items():
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            f.fail(f"files.{name}", "a sha256 digest (64 lowercase hex digits)", digest)
+    digest = meta.get("content_sha256")
+    if not isinstance(digest, str) or not _HEX64.match(digest):
+        f.fail("content_sha256", "a sha256 digest (64 lowercase hex digits)", digest)
+
+
+def _validate_grid(f: _Fields, grid: dict[str, Any]) -> None:
+    f.vector(f.get(grid, "reference_grid.origin", "origin"), "reference_grid.origin", 3)
+    f.vector(f.get(grid, "reference_grid.spacing", "spacing"), "reference_grid.spacing", 3, positive=True)
+    size = f.get(grid, "reference_grid.size", "size")
+    if not isinstance(size, list) or len(size) != 3:
+        f.fail("reference_grid.size", "a list of 3 voxel counts", size)
+    dims = [f.integer(v, f"reference_grid.size[{i}]", 1, MAX_GRID_VOXELS) for i, v in enumerate(size)]
+    if math.prod(dims) > MAX_GRID_VOXELS:
+        f.fail("reference_grid.size", f"at most {MAX_GRID_VOXELS} voxels in all", size)
+    if "direction" in grid:
+        f.vector(grid["direction"], "reference_grid.direction", 9)
+        if abs(abs(np.linalg.det(np.asarray(grid["direction"], dtype=np.float64).reshape(3, 3))) - 1) > 1e-3:
+            f.fail("reference_grid.direction", "a rotation matrix (|det| = 1)", grid["direction"])
+
+
+def _validate_normalizer(f: _Fields, norm: dict[str, Any]) -> None:
+    values = {
+        k: f.number(f.get(norm, f"normalizer.{k}", k), f"normalizer.{k}")
+        for k in ("clip_low", "clip_high", "mean")
+    }
+    f.number(f.get(norm, "normalizer.std", "std"), "normalizer.std", positive=True)
+    if values["clip_low"] > values["clip_high"]:
+        f.fail("normalizer.clip_high", f"at least clip_low ({values['clip_low']})", values["clip_high"])
+
+
+def _validate_pca(f: _Fields, pca: Any, n_particles: int) -> None:
+    if pca is None:
+        return
+    if not isinstance(pca, dict):
+        f.fail("pca", "an object or null", pca)
+    if "meta" in pca and not isinstance(pca["meta"], dict):
+        f.fail("pca.meta", "an object", pca["meta"])
+    for key in PCA_ARRAYS:
+        if key in pca:
+            f.array(pca[key], f"pca.{key}")
+    mean = pca.get("mean")
+    if mean is not None and np.asarray(mean, dtype=np.float64).size != 3 * n_particles:
+        f.fail("pca.mean", f"{n_particles} x 3 coordinates (n_particles)", f"{np.asarray(mean).size} values")
+    eig = pca.get("eigenvalues")
+    if eig is not None and np.any(np.asarray(eig, dtype=np.float64) < 0):
+        f.fail("pca.eigenvalues", "non-negative variances", "a negative value")
+    std = pca.get("score_std")
+    if std is not None and not np.all(np.asarray(std, dtype=np.float64) > 0):
+        f.fail("pca.score_std", "positive standard deviations", "a zero or negative value")
