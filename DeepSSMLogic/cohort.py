@@ -680,6 +680,120 @@ def particles_in_image_space(subject: Any) -> np.ndarray:
     return pts if image_tx is None else _to_frame(np.linalg.inv(image_tx), pts)
 
 
+MAX_GRID_VOXELS_PER_AXIS = 512
+
+
+def grid_size_problem(
+    grid: Any, particles: np.ndarray, ids: Sequence[str], limit: int = MAX_GRID_VOXELS_PER_AXIS
+) -> str | None:
+    """Why a reference ``grid`` (``geometry.Grid``) over ``particles`` ``(N, M, 3)`` (mm, training
+    frame) is unreasonably large (more than ``limit`` voxels on an axis), naming the subject farthest
+    from the others, or None. Such a grid means subjects in different frames (ShapeWorks local
+    particles without their transforms) or a wrong spacing; training on it would be meaningless."""
+    if max(grid.size) <= limit:
+        return None
+    centres = np.asarray(particles, dtype=np.float64).mean(axis=1)
+    median = np.median(centres, axis=0)
+    far = int(np.argmax(np.linalg.norm(centres - median, axis=1)))
+    dist = float(np.linalg.norm(centres[far] - median))
+    size = "x".join(str(v) for v in grid.size)
+    spacing = "x".join(f"{v:g}" for v in grid.spacing)
+    return (
+        f"the reference grid would be {size} voxels at {spacing} mm (limit {limit} per axis): subject "
+        f"{ids[far]!r} lies {dist:.0f} mm from the others' median centre. Are the subjects in different "
+        "frames? For a ShapeWorks project train in its world frame (--frame world; or --particles world "
+        "with already aligned images), or choose a coarser --spacing"
+    )
+
+
+def check_cohort_content(
+    cohort: Cohort,
+    spacing: float | None = None,
+    margin_mm: float = 10.0,
+    progress: Any = None,
+) -> list[str]:
+    """What training would reject, found before any work (reads every image's voxels):
+    images with NaN/Inf or constant values; particles outside their image's physical extent (a
+    local/world mix-up); a reference grid too large (see :func:`grid_size_problem`). ``spacing`` mm
+    (None: the first training image's). Returns the problems (empty: none)."""
+    import SimpleITK as sitk
+
+    from .geometry import Grid
+
+    problems: list[str] = []
+    train_pts: list[np.ndarray] = []
+    train_ids: list[str] = []
+    first_spacing: tuple[float, ...] | None = None
+    for i, s in enumerate(cohort.subjects):
+        if progress is not None:
+            progress(i, len(cohort.subjects), s.id)
+        pts = None
+        if s.particles is not None:
+            try:
+                pts = particles_in_image_space(s)
+            except InputError as e:
+                problems.append(f"subject {s.id!r}: {e}")
+        if s.particles is not None and pts is not None and s.split_name == "train":
+            train_pts.append(_to_frame(s.image_transform, pts))
+            train_ids.append(s.id)
+        if s.image is None:
+            continue
+        try:
+            image = sitk.ReadImage(str(s.image))
+        except RuntimeError as e:
+            problems.append(
+                f"subject {s.id!r}: cannot read image {s.image} ({str(e).strip().splitlines()[-1]})"
+            )
+            continue
+        if first_spacing is None and s.split_name == "train":
+            first_spacing = tuple(float(v) for v in image.GetSpacing())
+        values = sitk.GetArrayViewFromImage(image)
+        finite = np.isfinite(values)
+        if not finite.all():
+            problems.append(
+                f"subject {s.id!r}: image {s.image} has {int((~finite).sum())} NaN/Inf voxel(s); "
+                "training needs finite intensities"
+            )
+        elif values.size and float(values.max()) == float(values.min()):
+            problems.append(
+                f"subject {s.id!r}: image {s.image} is constant ({float(values.min()):g} everywhere); "
+                "it shows no anatomy"
+            )
+        if pts is not None:
+            grid = Grid.from_sitk(image)
+            # generous: a frame mix-up puts the particles tens to hundreds of mm away, while a tight
+            # field of view may legitimately clip some of them. Test: the particles' centre must lie
+            # in the image's extent grown by max(20 mm, a quarter of the extent) on every side.
+            extent = np.asarray(grid.size, dtype=np.float64) * np.asarray(grid.spacing)
+            margin_vox = np.maximum(20.0, 0.25 * extent) / np.asarray(grid.spacing)
+            centre_idx = grid.physical_to_index(pts.mean(axis=0))
+            inside_box = np.all(
+                (centre_idx >= -margin_vox) & (centre_idx <= np.asarray(grid.size) - 1 + margin_vox)
+            )
+            outside = 1.0 - float(grid.contains(pts).mean())
+            if not inside_box:
+                lo = grid.index_to_physical(np.zeros(3))
+                hi = grid.index_to_physical(np.asarray(grid.size, dtype=np.float64) - 1)
+                problems.append(
+                    f"subject {s.id!r}: {100 * outside:.0f}% of its particles (centre "
+                    f"{np.round(pts.mean(axis=0), 1).tolist()} mm) lie outside its image's physical extent "
+                    f"({np.round(np.minimum(lo, hi), 1).tolist()} to {np.round(np.maximum(lo, hi), 1).tolist()} "
+                    "mm): the particles and the image are in different frames. For a ShapeWorks project, "
+                    "local particles overlay the original images (--particles local) and world particles "
+                    "the aligned ones; see --frame"
+                )
+    if len(train_pts) >= 1:
+        sp = spacing if spacing is not None else first_spacing
+        if sp is not None:
+            stacked = np.stack(train_pts) if len({len(p) for p in train_pts}) == 1 else None
+            if stacked is not None:
+                grid = Grid.bounding(stacked, tuple(np.broadcast_to(np.asarray(sp, float), (3,))), margin_mm)
+                problem = grid_size_problem(grid, stacked, train_ids)
+                if problem:
+                    problems.append(problem)
+    return problems
+
+
 def _count_problems(counts: list[tuple[str, Path, int]]) -> list[str]:
     """One message per particle file whose point count differs from the most common one."""
     if not counts:

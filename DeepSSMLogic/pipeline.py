@@ -79,6 +79,17 @@ def _subject_field(subject: Any, name: str) -> Any:
     return getattr(subject, name, None)
 
 
+def _grid_transform(subject: Any) -> Any:
+    """The SimpleITK transform taking training-frame points (the grid) to the subject's image points:
+    the inverse of ``subject.image_transform`` (None: the image already is in the training frame)."""
+    matrix = _subject_field(subject, "image_transform")
+    if matrix is None:
+        return None
+    from .predict import matrix_to_transform
+
+    return matrix_to_transform(np.linalg.inv(np.asarray(matrix, dtype=np.float64)))
+
+
 def prepare_training_arrays(
     subjects: Sequence[Any],
     grid: Grid,
@@ -88,12 +99,14 @@ def prepare_training_arrays(
     """Read every subject's image and particles and resample the image onto ``grid``.
 
     ``subjects`` are ``cohort.Subject`` objects (``id``, ``image``, ``particles``, optional
-    ``segmentation``). Checks that every subject has an image and particles, that all particle
+    ``segmentation``, ``image_transform``, ``particles_transform``): particles are moved into the
+    training frame and images resampled through the same transform, so the two stay overlaid. Checks that every subject has an image and particles, that all particle
     counts agree, that coordinates are finite and that images have usable values (no NaN/Inf,
     not constant, and not empty on the grid). All problems are reported together in one
     :class:`ValidationError`.
     """
     from . import io
+    from .cohort import subject_particles
     from .preprocess import check_image_values, resample_to_grid
 
     if len(subjects) == 0:
@@ -118,7 +131,7 @@ def prepare_training_arrays(
             problems.append(f"{sid}: no particles file (training needs ground-truth correspondences)")
         else:
             try:
-                pts = io.read_particles(pts_path)
+                pts = subject_particles(s)
                 if not np.all(np.isfinite(pts)):
                     problems.append(f"{pts_path}: particles contain NaN or Inf coordinates")
                     pts = None
@@ -131,7 +144,8 @@ def prepare_training_arrays(
             try:
                 image = io.read_image(img_path)
                 check_image_values(_sitk_view(image), str(img_path))
-                arr = resample_to_grid(image, grid)
+                to_image = _grid_transform(s)
+                arr = resample_to_grid(image, grid, transform=to_image)
                 if float(arr.max()) == float(arr.min()):
                     problems.append(
                         f"{img_path}: the image is constant on the reference grid "
@@ -141,7 +155,7 @@ def prepare_training_arrays(
                 if segs is not None:
                     seg = io.read_image(_subject_field(s, "segmentation"))
                     segs[i] = (
-                        resample_to_grid(seg, grid, interpolator="nearest", default_value=0.0) > 0.5
+                        resample_to_grid(seg, grid, to_image, interpolator="nearest", default_value=0.0) > 0.5
                     ).astype(np.uint8)
             except InputError as e:
                 problems.append(str(e))
@@ -388,7 +402,13 @@ def train_model(
 
     from . import io
     from .bundle import save_bundle
-    from .cohort import Cohort, load_cohort
+    from .cohort import (
+        Cohort,
+        grid_size_problem,
+        load_cohort,
+        particles_in_image_space,
+        subject_particles,
+    )
     from .preprocess import IntensityNormalizer
     from .shape_model import ShapeModel
     from .training import TrainConfig, train
@@ -411,12 +431,15 @@ def train_model(
         raise InputError(f"validation fraction: expected a value in (0, 0.9), found {opts.val_fraction}")
     rank, world, barrier, release_group = _distributed_context(opts.device)
 
-    # -- geometry and arrays
-    particles = np.stack([io.read_particles(s.particles) for s in train_subjects])
+    # -- geometry and arrays (in the cohort's training frame: ShapeWorks' world frame when it has one)
+    particles = np.stack([subject_particles(s) for s in train_subjects])
     spacing = opts.spacing
     if spacing is None:
         spacing = tuple(float(v) for v in io.read_image(train_subjects[0].image).GetSpacing())
     grid = reference_grid(particles, spacing, opts.margin_mm, downsample=opts.downsample)
+    problem = grid_size_problem(grid, particles, [s.id for s in train_subjects])
+    if problem:
+        raise InputError(f"{cohort.source}: {problem}")
     padding = choose_conv_padding(grid, opts.conv_padding)
     arrays = prepare_training_arrays(train_subjects, grid, progress, cancel)
     val_arrays = prepare_training_arrays(val_subjects, grid, progress, cancel) if val_subjects else None
@@ -426,7 +449,8 @@ def train_model(
             f"{arrays.particles.shape[1]}"
         )
     reference = mean_reference_image(arrays.images, grid)
-    world_particles = arrays.particles
+    # meshes are in their subjects' image space: the template is warped from the particles there
+    mesh_particles = np.stack([particles_in_image_space(s) for s in train_subjects])
     if opts.align:
         arrays, _ = align_training_arrays(train_subjects, arrays, reference, None, progress, cancel)
         if val_arrays is not None:
@@ -522,6 +546,8 @@ def train_model(
         "n_val_samples": len(val_set),
         "augmentation": aug_info,
         "cohort": str(cohort.source),
+        "frame": {"name": cohort.frame, "reason": cohort.frame_reason},
+        "excluded_subjects": list(cohort.excluded),
         "world_size": world,
         "seconds_total": time.perf_counter() - t0,
     }
@@ -538,8 +564,7 @@ def train_model(
         bundle_sm.score_mean = net.score_mean.detach().cpu().double().numpy()
         bundle_sm.score_std = net.score_std.detach().cpu().double().numpy()
     summary["training_images_aligned"] = opts.align
-    # meshes are in the subjects' own frames: warp from their world particles (the TPS absorbs the pose)
-    template = template_mesh_for(train_subjects, world_particles, shape_model.mean, arrays.particles)
+    template = template_mesh_for(train_subjects, mesh_particles, shape_model.mean, arrays.particles)
     summary["template_mesh"] = "closest-to-mean training mesh warped to the mean" if template else "none"
     path = save_bundle(
         out,

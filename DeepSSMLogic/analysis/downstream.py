@@ -104,9 +104,9 @@ def _load(
     progress: ProgressCallback,
     cancel: CancelToken | None,
 ) -> tuple[_Data, Any]:
-    from ..cohort import load_cohort
+    from ..cohort import Cohort, load_cohort
 
-    coh = load_cohort(cohort, check_images=model is not None)
+    coh = cohort if isinstance(cohort, Cohort) else load_cohort(cohort, check_images=model is not None)
     subjects = list(coh.subjects)
     bundle = None
     if model is None:
@@ -172,7 +172,7 @@ def _severity_sets(
 
 
 def analyze_cohort(
-    cohort: PathLike,
+    cohort: PathLike | Any,
     out_dir: PathLike,
     model: PathLike | None = None,
     normal_group: str = "normal",
@@ -196,6 +196,7 @@ def analyze_cohort(
     t0 = time.perf_counter()
     out = Path(out_dir)
     data, bundle = _load(cohort, model, label_column, device, align, progress, cancel)
+    cohort = getattr(cohort, "source", cohort)  # a loaded Cohort: name it by its file
     labels = np.array([lab if lab is not None else "" for lab in data.labels])
     labelled = labels != ""
     values = sorted(set(labels[labelled].tolist()))
