@@ -385,7 +385,7 @@ def _read_shapeworks_rows(
     problems: list[str] = []
     absent: set[str] = set()
     sample = table[0][1] if table else {}
-    image_col = _choose_image_column(p, keys, sample, image_column, notes, problems, absent)
+    image_col = _choose_image_column(p, keys, sample, chosen, image_column, notes, problems, absent)
 
     particle_col = f"{kind}_particles_{chosen}"
     other_col = f"{'world' if kind == 'local' else 'local'}_particles_{chosen}"
@@ -489,6 +489,7 @@ def _choose_image_column(
     p: Path,
     keys: list[str],
     sample: dict[str, str],
+    domain: str,
     requested: str | None,
     notes: list[str],
     problems: list[str],
@@ -525,7 +526,7 @@ def _choose_image_column(
     image_like = [
         k
         for k in keys
-        if k.startswith(("shape_", "segmentation_", "groomed_"))
+        if k in (f"shape_{domain}", f"segmentation_{domain}", f"groomed_{domain}")
         and suffix_of(Path(sample.get(k, ""))) in _LABEL_IMAGE_SUFFIXES
     ]
     hint = (

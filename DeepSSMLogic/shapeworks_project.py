@@ -134,6 +134,8 @@ def parse_transform(text: str) -> np.ndarray:
         raise InputError(f"expected 16 (or legacy 12) numbers, found {len(values)}")
     if not np.all(np.isfinite(m)):
         raise InputError("the transform has NaN or Inf values")
+    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0]):
+        raise InputError(f"the last row is {m[3].tolist()}, expected [0, 0, 0, 1] (an affine transform)")
     if abs(np.linalg.det(m[:3, :3])) < 1e-9:
         raise InputError("the transform's 3x3 part is singular")
     return m
