@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers_shapeworks import EXAMPLES, FEMUR, femur_constraints_with_images, scanner_frame_project
 
 from DeepSSMLogic import io
 from DeepSSMLogic.cli import main
@@ -17,7 +18,6 @@ from DeepSSMLogic.cohort import load_cohort, particles_in_image_space
 from DeepSSMLogic.errors import InputError, ValidationError
 from DeepSSMLogic.pipeline import reference_grid
 from DeepSSMLogic.shapeworks_project import parse_transform
-from helpers_shapeworks import EXAMPLES, FEMUR, femur_constraints_with_images, scanner_frame_project
 
 pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="shapeworks-examples not present")
 
@@ -163,7 +163,7 @@ def test_excluded_rows_are_skipped_fixed_kept_and_both_formats_agree(tmp_path):
 
 
 def test_validate_catches_particles_off_their_image_and_bad_image_values(tmp_path, capsys):
-    paths, truth = scanner_frame_project(tmp_path, n_train=3, n_test=0, n_image_only=0)
+    paths, _ = scanner_frame_project(tmp_path, n_train=3, n_test=0, n_image_only=0)
     # the project read in the local frame but with its world particles: off their images by 100s of mm
     assert main(["validate", str(paths["xlsx"]), "--frame", "local", "--particles", "world"]) == 0
     doc = json.loads(paths["swproj"].read_text())
