@@ -134,7 +134,7 @@ def scanner_frame_project(
         (root / sub).mkdir(parents=True, exist_ok=True)
     n_all = n_train + n_test + n_image_only + 2  # + 2 new scans outside the project
     rows: list[dict[str, str]] = []
-    truth: dict = {"poses": {}, "world": {}, "local": {}, "split": {}, "new_scans": []}
+    truth: dict = {"poses": {}, "world": {}, "local": {}, "split": {}, "new_scans": [], "new_poses": {}}
     for i in range(n_all):
         sid = f"case{i:02d}"
         subj = make_subject(
@@ -152,6 +152,7 @@ def scanner_frame_project(
             path = root / "new" / f"{sid}.nrrd"
             io.write_image(image, path)
             truth["new_scans"].append((path, local))
+            truth["new_poses"][sid] = pose
             continue
         io.write_image(image, root / "images" / f"{sid}.nrrd")
         io.write_mesh(
