@@ -246,32 +246,27 @@ def load_shapeworks_project(
     require_particles: bool = True,
     frame: str = "auto",
 ) -> Cohort:
-    """Import a ShapeWorks project (``.swproj`` JSON or ``.xlsx`` spreadsheet) as a :class:`Cohort`.
+    """Import a ShapeWorks project (``.swproj`` JSON or ``.xlsx`` spreadsheet) as a :class:`Cohort`,
+    read as ShapeWorks reads it (the full column mapping: ``docs/SHAPEWORKS.md``):
 
-    ShapeWorks keeps one row per subject (the ``"data"`` list of a ``.swproj``, the ``data`` sheet, or
-    the first sheet, of an ``.xlsx``) with these columns:
+    - ``excluded`` rows are skipped (their ids in :attr:`Cohort.excluded`); ``fixed`` stays metadata;
+    - the id is ``name``, else the first domain's shape file stem, then the groomed, then the local
+      particle file's;
+    - ``shape_/segmentation_/mesh_/contour_<domain>``: the input shape (mesh or segmentation by suffix);
+    - the image is the first ``image_*`` column, else the first ``feature_*`` one, or the column
+      ``image_column`` names (also a segmentation/groomed column, with a note);
+    - ``local_particles_<domain>`` / ``world_particles_<domain>`` by ``particles``;
+    - ``alignment_<domain>`` (v1 ``transform_<domain>``) and ``procrustes_<domain>``: each subject's
+      transform ``world = procrustes @ alignment @ local``. ``frame="auto"`` trains in that world
+      frame when a transform is not the identity (:attr:`Subject.image_transform` and
+      ``particles_transform`` carry it), ``"local"`` in each image's own space, ``"world"`` forces it;
+    - ``split``, ``group_*`` (the first → group) and other columns → split / group / metadata;
+    - the ``deepssm`` sheet (object in ``.swproj``) → :attr:`Cohort.settings`.
 
-    - ``name`` → :attr:`Subject.id` (default: the image file name without suffix);
-    - ``shape_<domain>`` / ``segmentation_<domain>`` / ``mesh_<domain>``: the input shape, which
-      becomes :attr:`Subject.mesh` or :attr:`Subject.segmentation` by its file suffix;
-    - ``image_<name>``: the image; ``image_<domain>`` if present, else the only ``image_*`` column,
-      else the one named by ``image_column`` (e.g. ``"image_ct"`` or ``"ct"``);
-    - ``local_particles_<domain>`` / ``world_particles_<domain>``: the particle files, chosen by
-      ``particles="local"`` (default) or ``"world"``;
-    - ``group_<name>`` → :attr:`Subject.group` (the first such column; any others go to metadata);
-    - any other column ("extra values", such as DeepSSM's ``split``) → ``split`` or metadata.
-      Grooming and optimisation bookkeeping (``groomed_*``, ``alignment_*``, ``procrustes_*``,
-      ``landmarks_file_*``, ``constraints_*``, ``feature_*``) is dropped.
-
-    ShapeWorks' naming is the inverse of the usual imaging one: its **local** particles are in the
-    subject's *original* space, the physical space of the input shape and so of the image, which is
-    what a DeepSSM network must predict from that image. Its **world** particles are those points
-    moved by the grooming alignment and Procrustes transforms into the shared, aligned model frame; they
-    no longer overlay the image. Hence the default ``"local"``. Coordinates are taken as stored:
-    ShapeWorks uses ITK physical space, i.e. mm, LPS.
-
-    Relative paths are resolved against the project file's folder (backslashes are read as ``/``).
-    A project with several domains (anatomies) needs ``domain=``; DeepSSM models one at a time.
+    ShapeWorks' **local** particles are in the subject's original space, the physical space of the input
+    shape and its image; its **world** particles are those moved by the transforms. Coordinates are ITK
+    physical space (mm, LPS). Relative paths are resolved against the project file's folder
+    (backslashes read as ``/``). A project with several domains needs ``domain=``.
     """
     p = Path(path)
     if suffix_of(p) not in (".swproj", ".xlsx"):

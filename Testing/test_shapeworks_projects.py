@@ -194,14 +194,14 @@ def test_validate_catches_particles_off_their_image_and_bad_image_values(tmp_pat
 
 # the deepssm sheet of the end-to-end project: ShapeWorks' keys, at test scale
 E2E_SETTINGS = {
-    "train_epochs": "10",
-    "train_batch_size": "8",
+    "train_epochs": "16",
+    "train_batch_size": "4",
     "train_learning_rate": "0.001",
-    "aug_num_samples": "72",
+    "aug_num_samples": "48",
     "aug_sampler_type": "KDE",
     "validation_split": "15",
     "testing_split": "20",
-    "spacing": "4 4 4",
+    "spacing": "5 5 5",
 }
 
 
@@ -211,7 +211,8 @@ def test_scanner_frame_project_validate_train_predict_evaluate(tmp_path, capsys)
     model predicts new scans in THEIR frames at most half as wrong as the mean shape placed perfectly."""
     from DeepSSMLogic.analysis.metrics import rmse
 
-    paths, truth = scanner_frame_project(tmp_path / "project", settings=E2E_SETTINGS)
+    # measured (2 CPU cores): held-out 1.20 mm vs 3.39 mm for the perfectly placed mean shape (ratio 0.36)
+    paths, truth = scanner_frame_project(tmp_path / "project", n_train=24, n_test=6, settings=E2E_SETTINGS)
     project = str(paths["xlsx"])
     assert main(["validate", project, "--allow-image-only"]) == 0
     out = capsys.readouterr().out
@@ -221,7 +222,7 @@ def test_scanner_frame_project_validate_train_predict_evaluate(tmp_path, capsys)
     args = ["train", project, "--out", str(model), "--allow-image-only", "--device", "cpu", "--quiet"]
     assert main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "epochs = 10 (project deepssm sheet: train_epochs='10')" in out
+    assert "epochs = 16 (project deepssm sheet: train_epochs='16')" in out
     assert "sampler = 'kde' (project deepssm sheet: aug_sampler_type='KDE')" in out
     assert "lr = 0.001 (project deepssm sheet: train_learning_rate)" in out
 
@@ -246,8 +247,8 @@ def test_scanner_frame_project_validate_train_predict_evaluate(tmp_path, capsys)
     )
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["frame"]["name"] == "world"
-    assert metrics["predicted_without_ground_truth"] == ["case28"]  # the image-only row, predicted
-    assert (ev / "predictions" / "case28.particles").is_file()
+    assert metrics["predicted_without_ground_truth"] == ["case30"]  # the image-only row, predicted
+    assert (ev / "predictions" / "case30.particles").is_file()
 
     train_ids = [k for k, v in truth["split"].items() if v == "train"]
     mean_world = np.mean([truth["world"][k] for k in train_ids], axis=0)
@@ -263,7 +264,7 @@ def test_scanner_frame_project_validate_train_predict_evaluate(tmp_path, capsys)
         errors.append(rmse(pred, local))
         pose = _pose_of(local, truth, mean_world)
         baselines.append(rmse(apply_pose(pose, mean_world), local))
-    assert len(errors) == 6
+    assert len(errors) == 8
     assert np.mean(errors) <= 0.5 * np.mean(baselines), (errors, baselines)
 
 
@@ -302,3 +303,55 @@ def test_alignment_finds_anatomy_hundreds_of_mm_away_from_the_image_content(seed
     moved = apply_matrix(pose, subj.particles)
     found = apply_matrix(al.matrix, subj.particles)
     assert np.sqrt(((found - moved) ** 2).sum(-1).mean()) < 1.5, al.initialisation
+
+
+def test_obj_meshes_contour_domains_and_a_missing_openpyxl(tmp_path, monkeypatch):
+    from DeepSSMLogic.io import polydata_from_arrays, write_mesh
+
+    paths, _ = scanner_frame_project(tmp_path, n_train=3, n_test=0, n_image_only=0)
+    doc = json.loads(paths["swproj"].read_text())
+    verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], float)
+    write_mesh(polydata_from_arrays(verts, [[0, 1, 2]]), tmp_path / "meshes" / "tri.obj")
+    doc["data"][0]["shape_1"] = "meshes/tri.obj"
+    p = tmp_path / "obj.swproj"
+    p.write_text(json.dumps(doc))
+    assert load_cohort(p).subjects[0].mesh == tmp_path / "meshes" / "tri.obj"
+    for r in doc["data"]:  # a contour domain: recognised, the contour kept as metadata
+        r["contour_1"] = r.pop("shape_1")
+    p.write_text(json.dumps(doc))
+    c = load_cohort(p)
+    assert c.subjects[0].metadata["contour"] == "meshes/tri.obj" and c.subjects[0].mesh is None
+    monkeypatch.setitem(__import__("sys").modules, "openpyxl", None)
+    with pytest.raises(InputError, match=r"needs the openpyxl package \(pip install openpyxl\)"):
+        load_cohort(paths["xlsx"])
+
+
+def test_the_worker_and_every_cohort_command_take_the_same_cohort_options():
+    from DeepSSMExtension.DeepSSMLib import worker
+    from DeepSSMLogic.cli import build_parser
+
+    opts = [
+        "--domain",
+        "1",
+        "--particles",
+        "world",
+        "--frame",
+        "world",
+        "--image-column",
+        "ct",
+        "--allow-image-only",
+    ]
+    parser = build_parser()
+    for command in (["validate", "p.xlsx"], ["augment", "p.xlsx", "--n", "3", "--out", "o"],
+                    ["train", "p.xlsx", "--out", "m"], ["evaluate", "m", "p.xlsx", "--out", "o"],
+                    ["analyze", "p.xlsx", "--out", "o"]):  # fmt: skip
+        args = parser.parse_args([*command, *opts])
+        assert (args.domain, args.particles, args.frame, args.image_column, args.allow_image_only) == (
+            "1",
+            "world",
+            "world",
+            "ct",
+            True,
+        ), command
+    args = worker.build_parser().parse_args(["train", "--cohort", "p.xlsx", "--out", "m", *opts])
+    assert (args.domain, args.frame, args.image_column, args.allow_image_only) == ("1", "world", "ct", True)
