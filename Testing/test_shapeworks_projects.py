@@ -225,6 +225,16 @@ def test_scanner_frame_project_validate_train_predict_evaluate(tmp_path, capsys)
     assert "epochs = 16 (project deepssm sheet: train_epochs='16')" in out
     assert "sampler = 'kde' (project deepssm sheet: aug_sampler_type='KDE')" in out
     assert "lr = 0.001 (project deepssm sheet: train_learning_rate)" in out
+    from DeepSSMLogic.bundle import load_bundle
+
+    summary = load_bundle(model).meta["training_summary"]
+    assert summary["frame"]["name"] == "world" and summary["excluded_subjects"] == [
+        "excluded_a",
+        "excluded_b",
+    ]
+    assert (
+        summary["n_train_subjects"] == 24 and "case30" not in summary["train_ids"]
+    )  # test rows: never trained on
 
     # new scans, never in the project, each in its own scanner frame
     new_images = [str(p) for p, _ in truth["new_scans"]]

@@ -138,10 +138,15 @@ def _load(
         progress(ProgressEvent("analyze", i, len(subjects), f"predicting {s.id}"))
         preds.append(predictor.predict(s.image, name=s.id))
     gt = coh.particles(subjects) if all(s.particles is not None for s in subjects) else None
+    # compare like with like: a ShapeWorks project in its world frame has world ground truth, and the
+    # model frame is that world frame (predictions in each scan's own space would carry its pose)
+    in_world = getattr(coh, "frame", "local") == "world"
     data = _Data(
         subjects,
         [_label(s, label_column) for s in subjects],
-        np.stack([p.particles for p in preds]),
+        np.stack(
+            [p.particles_model if in_world and p.particles_model is not None else p.particles for p in preds]
+        ),
         gt,
         np.stack([np.asarray(p.descriptor, dtype=np.float64).ravel() for p in preds]),
         bundle.descriptor_kind,
