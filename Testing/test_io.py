@@ -331,7 +331,7 @@ def test_mesh_errors_name_the_file(tmp_path):
         write_mesh(polydata_from_arrays(verts, tris), tmp_path / "out.off")
     assert not (tmp_path / "out.off").exists()
     write_mesh(polydata_from_arrays(verts, tris), tmp_path / "out.obj")
-    back_verts, back_tris = arrays_from_polydata(read_mesh(tmp_path / "out.obj"))
+    back_verts, _ = arrays_from_polydata(read_mesh(tmp_path / "out.obj"))
     np.testing.assert_allclose(back_verts, verts, atol=1e-5)
     empty = tmp_path / "empty.vtk"
     empty.write_text("# vtk DataFile Version 3.0\nempty\nASCII\nDATASET POLYDATA\nPOINTS 0 float\n")
