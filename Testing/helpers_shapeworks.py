@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from DeepSSMLogic import io
 from DeepSSMLogic.geometry import Grid
+from DeepSSMLogic.predict import apply_matrix
 from DeepSSMLogic.preprocess import image_from_array
 from DeepSSMLogic.synthetic import voxelize
 
@@ -103,10 +104,6 @@ def move_image(image: sitk.Image, pose: np.ndarray) -> sitk.Image:
     return out
 
 
-def apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ m[:3, :3].T + m[:3, 3]
-
-
 def fmt_matrix(m: np.ndarray) -> str:
     """16 row-major numbers, as ShapeWorks writes a transform cell."""
     return " ".join(f"{v:.9f}" for v in np.asarray(m).ravel())
@@ -146,7 +143,7 @@ def scanner_frame_project(
         )
         pose = random_scanner_pose(rng)
         world = subj.particles
-        local = apply(pose, world)
+        local = apply_matrix(pose, world)
         image = move_image(image_from_array(subj.image.astype(np.int16), subj.grid), pose)
         if i >= n_train + n_test + n_image_only:
             path = root / "new" / f"{sid}.nrrd"
@@ -156,7 +153,7 @@ def scanner_frame_project(
             continue
         io.write_image(image, root / "images" / f"{sid}.nrrd")
         io.write_mesh(
-            io.polydata_from_arrays(apply(pose, subj.vertices), subj.triangles),
+            io.polydata_from_arrays(apply_matrix(pose, subj.vertices), subj.triangles),
             root / "meshes" / f"{sid}.vtk",
         )
         io.write_particles(root / "particles" / f"{sid}_local.particles", local)

@@ -17,6 +17,7 @@ from DeepSSMLogic.cli import main
 from DeepSSMLogic.cohort import load_cohort, particles_in_image_space
 from DeepSSMLogic.errors import InputError, ValidationError
 from DeepSSMLogic.pipeline import reference_grid
+from DeepSSMLogic.predict import apply_matrix
 from DeepSSMLogic.shapeworks_project import parse_transform
 
 pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="shapeworks-examples not present")
@@ -267,27 +268,14 @@ def test_scanner_frame_project_validate_train_predict_evaluate(tmp_path, capsys)
         sid = row["id"]
         pred = io.read_particles(ev / "predictions" / f"{sid}.particles")
         errors.append(rmse(pred, truth["local"][sid]))
-        baselines.append(rmse(apply_pose(truth["poses"][sid], mean_world), truth["local"][sid]))
+        baselines.append(rmse(apply_matrix(truth["poses"][sid], mean_world), truth["local"][sid]))
         assert abs(row["rmse_mm"] - errors[-1]) < 1e-6  # evaluate measured in the scan's frame
     for path, local in truth["new_scans"]:
         pred = io.read_particles(tmp_path / "pred" / f"{path.stem}.particles")
         errors.append(rmse(pred, local))
-        pose = _pose_of(local, truth, mean_world)
-        baselines.append(rmse(apply_pose(pose, mean_world), local))
+        baselines.append(rmse(apply_matrix(truth["new_poses"][path.stem], mean_world), local))
     assert len(errors) == 8
     assert np.mean(errors) <= 0.5 * np.mean(baselines), (errors, baselines)
-
-
-def apply_pose(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ m[:3, :3].T + m[:3, 3]
-
-
-def _pose_of(local: np.ndarray, truth: dict, mean_world: np.ndarray) -> np.ndarray:
-    """The exact world → scan pose of a new scan (kept by the fixture alongside its particles)."""
-    for path, pts in truth["new_scans"]:
-        if pts is local:
-            return truth["new_poses"][path.stem]
-    raise KeyError("unknown new scan")
 
 
 # seeds whose scans the centroid ("moments") start alone mis-registers by 27-34 mm (measured)
@@ -297,7 +285,7 @@ def test_alignment_finds_anatomy_hundreds_of_mm_away_from_the_image_content(seed
     input), not the origin: a scan moved 100-500 mm and rotated up to 8° is aligned within ~1 mm."""
     from helpers_shapeworks import move_image, random_scanner_pose
 
-    from DeepSSMLogic.predict import apply_matrix, register_to_reference
+    from DeepSSMLogic.predict import register_to_reference
     from DeepSSMLogic.preprocess import image_from_array, resample_to_grid
     from DeepSSMLogic.synthetic import make_subject
 
