@@ -20,9 +20,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "validate",
         help="check a cohort (CSV manifest or ShapeWorks .swproj/.xlsx) and print a summary",
         description=(
-            "Check every file a cohort names (images readable, 3D and scalar; particle files finite and "
-            "with one point count; ids unique; splits train/val/test) and print a summary. All problems "
-            "are listed at once; the exit code is 0 when there are none and 2 otherwise."
+            "Check every file a cohort names (images readable, 3D and scalar, with finite, non-constant "
+            "values; particle files finite, with one point count, and lying on their image; ids unique; "
+            "splits train/val/test; a reference grid of sane size) and print a summary, with the frame "
+            "a ShapeWorks project is used in and why (docs/SHAPEWORKS.md). All problems are listed at "
+            "once; the exit code is 0 when there are none and 2 otherwise."
         ),
         epilog="example: deepssm validate data/cohort.csv",
     )
@@ -30,7 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-check-images",
         action="store_true",
-        help="only check that image files exist (skip reading headers)",
+        help="only check that image files exist (skip reading their headers and voxels)",
     )
     parser.add_argument(
         "--spacing",
