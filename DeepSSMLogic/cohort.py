@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,6 +49,7 @@ import numpy as np
 from .errors import InputError, ValidationError
 from .fileutil import atomic_write_text
 from .io import IMAGE_SUFFIXES, MESH_SUFFIXES, PARTICLE_SUFFIXES, read_particles, suffix_of
+from .shapeworks_project import is_lfs_pointer
 
 PathLike = str | os.PathLike[str]
 
@@ -71,6 +71,11 @@ class Subject:
     group: str | None = None
     split: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # 4x4 maps from the image's / the particle file's physical space (mm, LPS) into the cohort's
+    # training frame; None = identity. A ShapeWorks project trained in its world frame has
+    # image_transform = procrustes @ alignment (and the same for local particles).
+    image_transform: np.ndarray | None = None
+    particles_transform: np.ndarray | None = None
 
     @property
     def split_name(self) -> str:
@@ -86,6 +91,11 @@ class Cohort:
     source: Path
     # particle arrays already read (by validation), keyed by absolute path: saves reading them twice
     _particle_cache: dict[Path, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    frame: str = "local"  # "local" (each image's own space) or "world" (ShapeWorks' aligned frame)
+    frame_reason: str = ""
+    excluded: list[str] = field(default_factory=list)  # ids of the rows skipped as excluded
+    settings: dict[str, str] = field(default_factory=dict)  # the project's deepssm settings (text)
+    notes: list[str] = field(default_factory=list)  # warnings for the person (chosen columns, ...)
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -157,7 +167,7 @@ class Cohort:
         if missing:
             raise InputError(f"{self.source}: these subjects have no particles file: {', '.join(missing)}")
         paths = [s.particles for s in chosen if s.particles is not None]
-        arrays = [self._read(path) for path in paths]
+        arrays = [_to_frame(s.particles_transform, self._read(path)) for s, path in zip(chosen, paths)]
         problems = _count_problems(
             [(f"subject {s.id!r}", q, len(a)) for s, q, a in zip(chosen, paths, arrays)]
         )
@@ -174,6 +184,8 @@ class _Row:
     where: str  # "row 3" / "subject 2", for messages
     fields: dict[str, str]  # reserved columns (id, image, particles, mesh, segmentation, group, split)
     metadata: dict[str, str]
+    image_transform: np.ndarray | None = None  # see Subject
+    particles_transform: np.ndarray | None = None
 
 
 @dataclass
@@ -184,6 +196,11 @@ class _Table:
     rows: list[_Row]
     problems: list[str]
     absent: set[str]
+    frame: str = "local"
+    frame_reason: str = "a CSV manifest: particles are in each image's own physical space"
+    excluded: list[str] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def load_cohort(
@@ -194,13 +211,15 @@ def load_cohort(
     particles: str = "local",
     domain: str | None = None,
     image_column: str | None = None,
+    frame: str = "auto",
 ) -> Cohort:
     """Load and validate a cohort from a ``.csv`` manifest or a ShapeWorks ``.swproj``/``.xlsx`` project.
 
     ``check_images`` reads every image's header (not its voxels) to check that it is readable, 3D and
     scalar. ``require_particles=False`` admits image-only subjects (see the module docstring).
-    ``particles``, ``domain`` and ``image_column`` apply to ShapeWorks projects only
-    (:func:`load_shapeworks_project`). Raises :class:`ValidationError` listing every problem found.
+    ``particles``, ``domain``, ``image_column`` and ``frame`` apply to ShapeWorks projects only
+    (:func:`load_shapeworks_project`); a CSV manifest has no transforms (``frame`` other than
+    ``auto``/``local`` is refused). Raises :class:`ValidationError` listing every problem found.
     """
     p = Path(path)
     suffix = suffix_of(p)
@@ -209,9 +228,11 @@ def load_cohort(
     if not p.is_file():
         raise InputError(f"cohort file not found: {p}")
     if suffix == ".csv":
+        if str(frame).lower() not in ("auto", "local"):
+            raise InputError(f"{p}: --frame {frame}: a CSV manifest has no transforms; use auto or local")
         table = _read_manifest_csv(p, require_particles)
     else:
-        table = _read_shapeworks_rows(p, particles, domain, image_column, require_particles)
+        table = _read_shapeworks_rows(p, particles, domain, image_column, require_particles, frame)
     return _build_cohort(p, table, check_images, require_particles)
 
 
@@ -223,33 +244,29 @@ def load_shapeworks_project(
     image_column: str | None = None,
     check_images: bool = True,
     require_particles: bool = True,
+    frame: str = "auto",
 ) -> Cohort:
-    """Import a ShapeWorks project (``.swproj`` JSON or ``.xlsx`` spreadsheet) as a :class:`Cohort`.
+    """Import a ShapeWorks project (``.swproj`` JSON or ``.xlsx`` spreadsheet) as a :class:`Cohort`,
+    read as ShapeWorks reads it (the full column mapping: ``docs/SHAPEWORKS.md``):
 
-    ShapeWorks keeps one row per subject (the ``"data"`` list of a ``.swproj``, the ``data`` sheet, or
-    the first sheet, of an ``.xlsx``) with these columns:
+    - ``excluded`` rows are skipped (their ids in :attr:`Cohort.excluded`); ``fixed`` stays metadata;
+    - the id is ``name``, else the first domain's shape file stem, then the groomed, then the local
+      particle file's;
+    - ``shape_/segmentation_/mesh_/contour_<domain>``: the input shape (mesh or segmentation by suffix);
+    - the image is the first ``image_*`` column, else the first ``feature_*`` one, or the column
+      ``image_column`` names (also a segmentation/groomed column, with a note);
+    - ``local_particles_<domain>`` / ``world_particles_<domain>`` by ``particles``;
+    - ``alignment_<domain>`` (v1 ``transform_<domain>``) and ``procrustes_<domain>``: each subject's
+      transform ``world = procrustes @ alignment @ local``. ``frame="auto"`` trains in that world
+      frame when a transform is not the identity (:attr:`Subject.image_transform` and
+      ``particles_transform`` carry it), ``"local"`` in each image's own space, ``"world"`` forces it;
+    - ``split``, ``group_*`` (the first → group) and other columns → split / group / metadata;
+    - the ``deepssm`` sheet (object in ``.swproj``) → :attr:`Cohort.settings`.
 
-    - ``name`` → :attr:`Subject.id` (default: the image file name without suffix);
-    - ``shape_<domain>`` / ``segmentation_<domain>`` / ``mesh_<domain>``: the input shape, which
-      becomes :attr:`Subject.mesh` or :attr:`Subject.segmentation` by its file suffix;
-    - ``image_<name>``: the image; ``image_<domain>`` if present, else the only ``image_*`` column,
-      else the one named by ``image_column`` (e.g. ``"image_ct"`` or ``"ct"``);
-    - ``local_particles_<domain>`` / ``world_particles_<domain>``: the particle files, chosen by
-      ``particles="local"`` (default) or ``"world"``;
-    - ``group_<name>`` → :attr:`Subject.group` (the first such column; any others go to metadata);
-    - any other column ("extra values", such as DeepSSM's ``split``) → ``split`` or metadata.
-      Grooming and optimisation bookkeeping (``groomed_*``, ``alignment_*``, ``procrustes_*``,
-      ``landmarks_file_*``, ``constraints_*``, ``feature_*``) is dropped.
-
-    ShapeWorks' naming is the inverse of the usual imaging one: its **local** particles are in the
-    subject's *original* space, the physical space of the input shape and so of the image, which is
-    what a DeepSSM network must predict from that image. Its **world** particles are those points
-    moved by the grooming alignment and Procrustes transforms into the shared, aligned model frame; they
-    no longer overlay the image. Hence the default ``"local"``. Coordinates are taken as stored:
-    ShapeWorks uses ITK physical space, i.e. mm, LPS.
-
-    Relative paths are resolved against the project file's folder (backslashes are read as ``/``).
-    A project with several domains (anatomies) needs ``domain=``; DeepSSM models one at a time.
+    ShapeWorks' **local** particles are in the subject's original space, the physical space of the input
+    shape and its image; its **world** particles are those moved by the transforms. Coordinates are ITK
+    physical space (mm, LPS). Relative paths are resolved against the project file's folder
+    (backslashes read as ``/``). A project with several domains needs ``domain=``.
     """
     p = Path(path)
     if suffix_of(p) not in (".swproj", ".xlsx"):
@@ -261,6 +278,7 @@ def load_shapeworks_project(
         particles=particles,
         domain=domain,
         image_column=image_column,
+        frame=frame,
     )
 
 
@@ -312,81 +330,30 @@ def _read_manifest_csv(p: Path, require_particles: bool) -> _Table:
     return _Table(rows, problems, absent)
 
 
-# ShapeWorks project columns (Libs/Project/ProjectUtils.h): input shape prefixes, in the order that
-# decides a domain's shape file, and bookkeeping prefixes that carry nothing DeepSSM needs.
-_SW_SHAPE_PREFIXES = ("shape_", "segmentation_", "mesh_")
-_SW_DROPPED_PREFIXES = (
-    "contour_",
-    "groomed_",
-    "alignment_",
-    "procrustes_",
-    "landmarks_file_",
-    "constraints_",
-    "feature_",
-    "transform_",
-)
-_SW_PARTICLE_PREFIXES = ("local_particles_", "world_particles_")
-
-
-def _read_shapeworks_table(p: Path) -> list[tuple[str, dict[str, str]]]:
-    """The subject rows of a ShapeWorks project as (where, {column: value string})."""
-    if suffix_of(p) == ".swproj":
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{p}: cannot read the ShapeWorks project as JSON ({e})") from None
-        data = doc.get("data") if isinstance(doc, dict) else None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise InputError(f"{p}: a .swproj file needs a 'data' list of subject objects")
-        return [(f"subject {i + 1}", {str(k): _cell(v) for k, v in r.items()}) for i, r in enumerate(data)]
-
-    import openpyxl
-
-    try:
-        wb = openpyxl.load_workbook(p, read_only=True, data_only=True)
-    except Exception as e:  # openpyxl raises zipfile/KeyError/ValueError variants for bad files
-        raise InputError(f"{p}: cannot read the ShapeWorks spreadsheet ({type(e).__name__}: {e})") from None
-    try:
-        ws = wb["data"] if "data" in wb.sheetnames else wb.worksheets[0]
-        table = [[_cell(v) for v in r] for r in ws.iter_rows(values_only=True)]
-    finally:
-        wb.close()
-    if not table:
-        raise InputError(f"{p}: the spreadsheet's {ws.title!r} sheet is empty")
-    header = [h.strip() for h in table[0]]
-    rows = []
-    for n, values in enumerate(table[1:], start=2):
-        if any(v.strip() for v in values):  # ShapeWorks skips blank rows too
-            rows.append((f"row {n}", {h: v for h, v in zip(header, values) if h}))
-    return rows
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # spreadsheets store 3 as 3.0
-    return str(value).strip()
+FRAMES = ("auto", "local", "world")
 
 
 def _read_shapeworks_rows(
-    p: Path, particles: str, domain: str | None, image_column: str | None, require_particles: bool
+    p: Path,
+    particles: str,
+    domain: str | None,
+    image_column: str | None,
+    require_particles: bool,
+    frame: str = "auto",
 ) -> _Table:
+    from . import shapeworks_project as swp
+
     kind = str(particles).strip().lower()
     if kind not in ("local", "world"):
         raise InputError(f"particles must be 'local' or 'world', found {particles!r}")
-    table = _read_shapeworks_table(p)
-    if not table:
+    frame_req = str(frame).strip().lower()
+    if frame_req not in FRAMES:
+        raise InputError(f"frame must be one of {FRAMES}, found {frame!r}")
+    all_rows, settings = swp.read_project(p)
+    if not all_rows:
         raise ValidationError(f"{p}: invalid ShapeWorks project", [f"{p}: the project has no subjects"])
-    keys = list(dict.fromkeys(k for _, r in table for k in r))
-
-    domains = list(
-        dict.fromkeys(k[len(pre) :] for k in keys for pre in _SW_SHAPE_PREFIXES if k.startswith(pre))
-    )
-    if not domains:  # a particles-only project still names its domains in the particle columns
-        domains = list(
-            dict.fromkeys(k[len(pre) :] for k in keys for pre in _SW_PARTICLE_PREFIXES if k.startswith(pre))
-        )
+    keys = list(dict.fromkeys(k for _, r in all_rows for k in r))
+    domains = swp.domain_names(keys)
     if domain is not None:
         if domain not in domains:
             raise InputError(f"{p}: no domain {domain!r} in the project; its domains are {domains}")
@@ -395,7 +362,8 @@ def _read_shapeworks_rows(
         chosen = domains[0]
     elif not domains:
         raise InputError(
-            f"{p}: no shape_<domain>, segmentation_<domain>, mesh_<domain> or particle column; found {keys}"
+            f"{p}: no shape_<domain>, segmentation_<domain>, mesh_<domain>, contour_<domain> or particle "
+            f"column; found {keys}"
         )
     else:
         raise InputError(
@@ -403,70 +371,171 @@ def _read_shapeworks_rows(
             "anatomy at a time, so name one (domain=..., or --domain on the command line)"
         )
 
-    image_cols = [k for k in keys if k.startswith("image_")]
-    if image_column is not None:
-        col = image_column if image_column in image_cols else f"image_{image_column}"
-        if col not in image_cols:
-            raise InputError(f"{p}: no image column {image_column!r}; the image columns are {image_cols}")
-        image_col: str | None = col
-    elif f"image_{chosen}" in image_cols:
-        image_col = f"image_{chosen}"
-    elif len(image_cols) == 1:
-        image_col = image_cols[0]
-    elif not image_cols:
-        image_col = None  # reported per row as a missing image, with the columns found
-    else:
-        raise InputError(f"{p}: several image columns {image_cols}; name one with image_column=...")
+    # excluded subjects are skipped before anything else, as ShapeWorks skips them (their files may be gone)
+    excluded = [
+        swp.subject_name(r, domains) or where for where, r in all_rows if swp.is_true(r.get("excluded", ""))
+    ]
+    table = [(where, r) for where, r in all_rows if not swp.is_true(r.get("excluded", ""))]
+    notes: list[str] = []
+    problems: list[str] = []
+    absent: set[str] = set()
+    sample = table[0][1] if table else {}
+    image_col = _choose_image_column(p, keys, sample, chosen, image_column, notes, problems, absent)
 
     particle_col = f"{kind}_particles_{chosen}"
     other_col = f"{'world' if kind == 'local' else 'local'}_particles_{chosen}"
-    problems: list[str] = []
-    absent: set[str] = set()
-    if image_col is None:
-        absent.add("image")
-        problems.append(f"{p}: the project has no image_<name> column; DeepSSM needs an image per subject")
     if particle_col not in keys and other_col in keys:
         absent.add("particles")
         problems.append(
             f"{p}: the project has {other_col!r} but no {particle_col!r}; "
-            f"load it with particles={other_col.split('_')[0]!r}"
+            f"load it with particles={other_col.split('_')[0]!r} (--particles {other_col.split('_')[0]})"
         )
     elif particle_col not in keys and require_particles:
         absent.add("particles")
         problems.append(
             f"{p}: the project has no {particle_col!r} column (no optimised particles); expected one "
-            "for every subject, or require_particles=False to load the images for prediction"
+            "for every subject, or require_particles=False (--allow-image-only) to load the images for "
+            "prediction"
         )
-    group_cols = [k for k in keys if k.startswith("group_")]
-    domain_cols = {f"{pre}{chosen}" for pre in _SW_SHAPE_PREFIXES + _SW_PARTICLE_PREFIXES}
 
-    rows = []
+    # frames: world = procrustes @ alignment @ local, per subject
+    transforms: list[np.ndarray | None] = []
     for where, r in table:
-        fields = {"id": r.get("name", ""), "image": r.get(image_col, "") if image_col else ""}
+        w, bad = swp.world_transform(r, chosen, keys)
+        problems.extend(f"{p.name} {where}: {b}" for b in bad)
+        transforms.append(w)
+    tx_cols = swp.transform_columns(chosen, keys)
+    moved = any(w is not None and not np.allclose(w, np.eye(4)) for w in transforms)
+    if frame_req == "auto":
+        used = "world" if moved else "local"
+        reason = (
+            f"auto: the project has {'/'.join(tx_cols)} transforms, so the model is trained in ShapeWorks' "
+            "world frame (procrustes @ alignment @ local; each image resampled with its subject's transform)"
+            if moved
+            else "auto: the project has no non-identity alignment/procrustes transforms, so world = local "
+            "(each subject's own image space)"
+        )
+    else:
+        used = frame_req
+        reason = f"--frame {frame_req}"
+        if used == "world" and not tx_cols:
+            reason += (
+                "; the project has no alignment/procrustes columns, so images are taken as already aligned"
+            )
+    rows = []
+    for (where, r), w in zip(table, transforms, strict=True):
+        fields = {"id": swp.subject_name(r, domains)}
+        fields["image"] = r.get(image_col, "") if image_col else ""
         fields["particles"] = r.get(particle_col, "")
-        for pre in _SW_SHAPE_PREFIXES:
-            shape = r.get(f"{pre}{chosen}", "")
-            if shape:
-                target = "mesh" if suffix_of(shape) in MESH_SUFFIXES or pre == "mesh_" else "segmentation"
-                fields[target] = shape
-                break
-        if group_cols:
-            fields["group"] = r.get(group_cols[0], "")
         metadata: dict[str, str] = {}
-        for k, v in r.items():
-            if k == "name" or k in domain_cols or k.startswith(("image_",) + _SW_DROPPED_PREFIXES):
+        for pre in swp.SHAPE_PREFIXES:
+            shape = r.get(f"{pre}{chosen}", "")
+            if not shape:
                 continue
-            if k.startswith(_SW_SHAPE_PREFIXES + _SW_PARTICLE_PREFIXES):
-                continue  # another domain's files
+            if pre == "contour_":
+                metadata["contour"] = shape
+            else:
+                is_mesh = suffix_of(Path(shape)) in MESH_SUFFIXES or pre == "mesh_"
+                fields["mesh" if is_mesh else "segmentation"] = shape
+            break
+        for k, v in r.items():
+            if k in ("name", "excluded", image_col) or k.startswith(_SW_SKIPPED_PREFIXES):
+                continue
             if k.lower() == "split":
                 fields["split"] = v
-            elif k != (group_cols[0] if group_cols else None):
+            elif k.startswith("group_") and "group" not in fields:
+                fields["group"] = v
+            else:
                 metadata[k] = v
         for key in ("image", "particles", "mesh", "segmentation"):
             if fields.get(key):
                 fields[key] = fields[key].replace("\\", "/")
-        rows.append(_Row(where, fields, metadata))
-    return _Table(rows, problems, absent)
+        image_tx: np.ndarray | None = None
+        particles_tx: np.ndarray | None = None
+        if used == "world" and w is not None:
+            image_tx = w
+            particles_tx = w if kind == "local" else None
+        elif used == "local" and kind == "world" and w is not None:
+            particles_tx = np.linalg.inv(w)
+        rows.append(_Row(where, fields, metadata, image_tx, particles_tx))
+    return _Table(rows, problems, absent, used, reason, excluded, settings, notes)
+
+
+# every domain's files, transforms and ShapeWorks' own bookkeeping: not subject metadata
+_SW_SKIPPED_PREFIXES = (
+    "shape_",
+    "segmentation_",
+    "mesh_",
+    "contour_",
+    "local_particles_",
+    "world_particles_",
+    "groomed_",
+    "alignment_",
+    "transform_",
+    "procrustes_",
+    "landmarks_file_",
+    "constraints_",
+    "image_",
+    "feature_",
+)
+
+
+def _choose_image_column(
+    p: Path,
+    keys: list[str],
+    sample: dict[str, str],
+    domain: str,
+    requested: str | None,
+    notes: list[str],
+    problems: list[str],
+    absent: set[str],
+) -> str | None:
+    """The project column holding each subject's image (ShapeWorks: the first ``image_*``, else the
+    first ``feature_*`` column); ``requested`` names one, also a non-image column such as a
+    segmentation (with a note saying what that means)."""
+    from . import shapeworks_project as swp
+
+    candidates = swp.image_columns(keys)
+    if requested is not None:
+        for col in (requested, f"image_{requested}", f"feature_{requested}"):
+            if col in keys:
+                break
+        else:
+            raise InputError(
+                f"{p}: no column {requested!r} to take the images from; image columns: {candidates}, "
+                f"all columns: {keys}"
+            )
+        if not col.startswith(swp.IMAGE_PREFIXES):
+            notes.append(
+                f"using column {col!r} as the image (opted in with --image-column): the network learns from "
+                "these label/groomed images and must be given the same kind of image at prediction"
+            )
+        return col
+    if candidates:
+        if len(candidates) > 1:
+            notes.append(
+                f"image column {candidates[0]!r} (ShapeWorks' first image column; others: "
+                f"{', '.join(candidates[1:])}; choose with --image-column)"
+            )
+        return candidates[0]
+    image_like = [
+        k
+        for k in keys
+        if k in (f"shape_{domain}", f"segmentation_{domain}", f"groomed_{domain}")
+        and suffix_of(Path(sample.get(k, ""))) in _LABEL_IMAGE_SUFFIXES
+    ]
+    hint = (
+        f"to learn from a segmentation or groomed image instead (the model then needs that kind of image at "
+        f"prediction), opt in with --image-column COLUMN, one of {image_like}"
+        if image_like
+        else "add an image_<name> column naming each subject's scan"
+    )
+    absent.add("image")
+    problems.append(
+        f"{p}: no image column: DeepSSM learns from an image per subject, which ShapeWorks keeps in "
+        f"image_<name> or feature_<name> columns, and this project has none (columns found: {keys}); {hint}"
+    )
+    return None
 
 
 # -- validation ---------------------------------------------------------------------------------------
@@ -490,6 +559,12 @@ def _build_cohort(source: Path, table: _Table, check_images: bool, require_parti
                 return False
             if not path.is_file():
                 problems.append(f"{where}: {what} file not found: {path}")
+                return False
+            if is_lfs_pointer(path):
+                problems.append(
+                    f"{where}: {what} file {path} is a Git LFS pointer, not the data; run `git lfs pull` "
+                    "in its repository"
+                )
                 return False
             if suffix_of(path) not in suffixes:
                 problems.append(
@@ -562,12 +637,131 @@ def _build_cohort(source: Path, table: _Table, check_images: bool, require_parti
                 group=f.get("group", "") or None,
                 split=split,
                 metadata=dict(row.metadata),
+                image_transform=row.image_transform,
+                particles_transform=row.particles_transform,
             )
         )
     problems.extend(_count_problems(counts))
     if problems:
         raise ValidationError(f"{source}: invalid cohort", problems)
-    return Cohort(subjects, source.absolute(), cache)
+    return Cohort(
+        subjects,
+        source.absolute(),
+        cache,
+        frame=table.frame,
+        frame_reason=table.frame_reason,
+        excluded=list(table.excluded),
+        settings=dict(table.settings),
+        notes=list(table.notes),
+    )
+
+
+def _to_frame(matrix: np.ndarray | None, points: np.ndarray) -> np.ndarray:
+    """``points`` ``(..., 3)`` moved by the 4x4 ``matrix`` (None: unchanged)."""
+    if matrix is None:
+        return points
+    return np.asarray(points, dtype=np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def subject_particles(subject: Any) -> np.ndarray:
+    """A subject's particles ``(M, 3)`` float64, mm, LPS, in the cohort's training frame."""
+    return _to_frame(getattr(subject, "particles_transform", None), read_particles(subject.particles))
+
+
+def particles_in_image_space(subject: Any) -> np.ndarray:
+    """A subject's particles ``(M, 3)`` in its image's own physical space (mm, LPS): where a
+    prediction from that image lands, whatever frame the model was trained in."""
+    pts = subject_particles(subject)
+    image_tx = getattr(subject, "image_transform", None)
+    return pts if image_tx is None else _to_frame(np.linalg.inv(image_tx), pts)
+
+
+def check_cohort_content(
+    cohort: Cohort,
+    spacing: float | None = None,
+    margin_mm: float = 10.0,
+    progress: Any = None,
+) -> list[str]:
+    """What training would reject, found before any work (reads every image's voxels):
+    images with NaN/Inf or constant values; particles outside their image's physical extent (a
+    local/world mix-up); a reference grid too large (see :func:`geometry.grid_size_problem`). ``spacing`` mm
+    (None: the first training image's). Returns the problems (empty: none)."""
+    import SimpleITK as sitk
+
+    from .geometry import Grid, grid_size_problem
+
+    problems: list[str] = []
+    train_pts: list[np.ndarray] = []
+    train_ids: list[str] = []
+    first_spacing: tuple[float, ...] | None = None
+    for i, s in enumerate(cohort.subjects):
+        if progress is not None:
+            progress(i, len(cohort.subjects), s.id)
+        pts = None
+        if s.particles is not None:
+            try:
+                pts = particles_in_image_space(s)
+            except InputError as e:
+                problems.append(f"subject {s.id!r}: {e}")
+        if s.particles is not None and pts is not None and s.split_name == "train":
+            train_pts.append(_to_frame(s.image_transform, pts))
+            train_ids.append(s.id)
+        if s.image is None:
+            continue
+        try:
+            image = sitk.ReadImage(str(s.image))
+        except RuntimeError as e:
+            problems.append(
+                f"subject {s.id!r}: cannot read image {s.image} ({str(e).strip().splitlines()[-1]})"
+            )
+            continue
+        if first_spacing is None and s.split_name == "train":
+            first_spacing = tuple(float(v) for v in image.GetSpacing())
+        values = sitk.GetArrayViewFromImage(image)
+        finite = np.isfinite(values)
+        if not finite.all():
+            problems.append(
+                f"subject {s.id!r}: image {s.image} has {int((~finite).sum())} NaN/Inf voxel(s); "
+                "training needs finite intensities"
+            )
+        elif values.size and float(values.max()) == float(values.min()):
+            problems.append(
+                f"subject {s.id!r}: image {s.image} is constant ({float(values.min()):g} everywhere); "
+                "it shows no anatomy"
+            )
+        if pts is not None:
+            grid = Grid.from_sitk(image)
+            # generous: a frame mix-up puts the particles tens to hundreds of mm away, while a tight
+            # field of view may legitimately clip some of them. Test: the particles' centre must lie
+            # in the image's extent grown by max(20 mm, a quarter of the extent) on every side.
+            extent = np.asarray(grid.size, dtype=np.float64) * np.asarray(grid.spacing)
+            margin_vox = np.maximum(20.0, 0.25 * extent) / np.asarray(grid.spacing)
+            centre_idx = grid.physical_to_index(pts.mean(axis=0))
+            inside_box = np.all(
+                (centre_idx >= -margin_vox) & (centre_idx <= np.asarray(grid.size) - 1 + margin_vox)
+            )
+            outside = 1.0 - float(grid.contains(pts).mean())
+            if not inside_box:
+                lo = grid.index_to_physical(np.zeros(3))
+                hi = grid.index_to_physical(np.asarray(grid.size, dtype=np.float64) - 1)
+                problems.append(
+                    f"subject {s.id!r}: {100 * outside:.0f}% of its particles (centre "
+                    f"{np.round(pts.mean(axis=0), 1).tolist()} mm) lie outside its image's physical extent "
+                    f"({np.round(np.minimum(lo, hi), 1).tolist()} to {np.round(np.maximum(lo, hi), 1).tolist()} "
+                    "mm): the particles and the image are in different frames. For a ShapeWorks project, "
+                    "local particles overlay the original images (--particles local) and world particles "
+                    "the aligned ones; see --frame"
+                )
+    if len(train_pts) >= 1:
+        sp = spacing if spacing is not None else first_spacing
+        if sp is not None:
+            stacked = np.stack(train_pts) if len({len(p) for p in train_pts}) == 1 else None
+            if stacked is not None:
+                source = "--spacing" if spacing is not None else "the first training image; set --spacing"
+                problem = grid_size_problem(stacked, sp, margin_mm, train_ids, source)
+                if problem:
+                    problems.append(problem)
+    return problems
 
 
 def _count_problems(counts: list[tuple[str, Path, int]]) -> list[str]:

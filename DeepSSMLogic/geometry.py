@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, format_bytes
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -134,3 +134,51 @@ def lps_to_ras(points: np.ndarray) -> np.ndarray:
 
 
 ras_to_lps = lps_to_ras
+
+
+# 384^3 voxels: 216 MiB per float32 volume; the paper's grids are ~120^3 and the network's memory
+# grows with the voxel count, so a larger grid is almost always a spacing or frame mistake. The
+# per-axis limit catches a frame mix-up that stays under the total (subjects metres apart along one
+# axis, as ShapeWorks local particles without their transforms give).
+MAX_GRID_VOXELS = 384**3
+MAX_GRID_VOXELS_PER_AXIS = 512
+
+
+def grid_size_problem(
+    particles: np.ndarray,
+    spacing: Any,
+    margin_mm: float = 10.0,
+    ids: Any = None,
+    spacing_source: str = "--spacing",
+    max_voxels: int = MAX_GRID_VOXELS,
+    max_per_axis: int = MAX_GRID_VOXELS_PER_AXIS,
+) -> str | None:
+    """Why the bounding grid of ``particles`` ``(N, M, 3)`` (mm, training frame) at ``spacing`` mm
+    (scalar or x,y,z) plus ``margin_mm`` is too large to train on, or None. Sizes are computed in
+    float so a 1e30 mm coordinate cannot overflow; the message names the subject farthest from the
+    cohort's median point (``ids`` in the order of ``particles``) and where the spacing came from."""
+    pts = np.asarray(particles, dtype=np.float64)
+    sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    flat = pts.reshape(-1, 3)
+    lo, hi = flat.min(axis=0) - margin_mm, flat.max(axis=0) + margin_mm
+    with np.errstate(over="ignore", invalid="ignore"):
+        size = np.ceil((hi - lo) / sp) + 1
+        voxels = float(np.prod(size))
+    if np.all(np.isfinite(size)) and voxels <= max_voxels and size.max() <= max_per_axis:
+        return None
+    per_subject = pts.reshape(pts.shape[0], -1, 3) if pts.ndim == 3 else flat[None]
+    centre = np.median(flat, axis=0)
+    far = np.abs(per_subject - centre).max(axis=(1, 2))
+    worst = int(np.argmax(far))
+    who = f"subject {ids[worst]!r}" if ids is not None and worst < len(ids) else f"subject #{worst + 1}"
+    shown = "x".join(f"{v:.3g}" for v in size.tolist())
+    per_image = format_bytes(voxels * 4) if np.isfinite(voxels) else "an unbounded size"
+    return (
+        f"reference grid too large: the training particles span {', '.join(f'{e:.4g}' for e in (hi - lo))} mm "
+        f"(farthest out: {who}, {far[worst]:.4g} mm from the cohort's median point) and the spacing is "
+        f"{', '.join(f'{v:.4g}' for v in sp.tolist())} mm (from {spacing_source}): {shown} voxels, "
+        f"{per_image} per image, over the limit of {max_voxels} voxels in all or {max_per_axis} per axis. "
+        "Are the subjects in different frames? For a ShapeWorks project train in its world frame "
+        "(--frame world; or --particles world with already aligned images). Otherwise check that "
+        "subject's particle coordinates (mm), or choose a coarser --spacing (or --downsample 2-4)"
+    )

@@ -27,7 +27,7 @@ PathLike = str | os.PathLike[str]
 
 IMAGE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
 PARTICLE_SUFFIXES = (".particles", ".csv", ".mrk.json", ".txt", ".pts")
-MESH_SUFFIXES = (".vtk", ".vtp", ".stl", ".ply")
+MESH_SUFFIXES = (".vtk", ".vtp", ".stl", ".ply", ".obj")
 
 
 def suffix_of(path: PathLike) -> str:
@@ -243,6 +243,7 @@ def _mesh_io_classes(path: Path) -> tuple[Any, Any]:
         ".vtp": (vtk.vtkXMLPolyDataReader, vtk.vtkXMLPolyDataWriter),
         ".stl": (vtk.vtkSTLReader, vtk.vtkSTLWriter),
         ".ply": (vtk.vtkPLYReader, vtk.vtkPLYWriter),
+        ".obj": (vtk.vtkOBJReader, vtk.vtkOBJWriter),  # ShapeWorks accepts .obj shapes
     }
     if suffix not in table:
         raise InputError(f"{path}: unsupported mesh format {suffix!r}; expected one of {MESH_SUFFIXES}")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ValidationError
-from .geometry import Grid
+from .geometry import MAX_GRID_VOXELS, Grid, grid_size_problem
 from .progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
 
 
@@ -54,10 +54,10 @@ def reference_grid(
     ``spacing`` (mm, scalar or x,y,z) is multiplied by ``downsample`` (the paper's downsampling
     factor: 2 halves the voxels per axis). ``min_size`` (voxels, scalar or x,y,z) grows the grid
     symmetrically about the box centre so small anatomies still fit a network's receptive field.
-    The direction is the identity. A grid of more than ``max_voxels`` (default
-    :data:`MAX_GRID_VOXELS`) voxels is refused with an error naming the subject whose particles
-    set the extent (``ids``, in the order of ``particles``) and where the spacing came from
-    (``spacing_source``, e.g. ``"--spacing"``).
+    The direction is the identity. A grid over the budget (``max_voxels``, default
+    :data:`~DeepSSMLogic.geometry.MAX_GRID_VOXELS`, or 512 voxels on an axis) is refused with the
+    :func:`~DeepSSMLogic.geometry.grid_size_problem` message naming the farthest-out subject
+    (``ids``, in the order of ``particles``) and where the spacing came from (``spacing_source``).
     """
     pts = np.asarray(particles, dtype=np.float64)
     if pts.ndim < 2 or pts.shape[-1] != 3 or pts.size == 0:
@@ -71,7 +71,9 @@ def reference_grid(
     sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)) * float(downsample)
     if not np.all(sp > 0):
         raise InputError(f"reference_grid: spacing must be positive, found {tuple(sp)}")
-    _check_voxel_budget(pts, sp, margin_mm, ids, spacing_source, max_voxels or MAX_GRID_VOXELS)
+    problem = grid_size_problem(pts, sp, margin_mm, ids, spacing_source, max_voxels or MAX_GRID_VOXELS)
+    if problem:
+        raise InputError(problem)
     grid = Grid.bounding(pts, tuple(float(s) for s in sp), margin_mm)
     if min_size is not None:
         want = np.broadcast_to(np.asarray(min_size, dtype=np.int64), (3,))
@@ -83,50 +85,19 @@ def reference_grid(
     return grid
 
 
-# 384^3 voxels: 216 MiB per float32 volume; the paper's grids are ~120^3 and the network's memory
-# grows with the voxel count, so a larger grid is almost always a spacing mistake.
-MAX_GRID_VOXELS = 384**3
-
-
-def _check_voxel_budget(
-    pts: np.ndarray,
-    spacing: np.ndarray,
-    margin_mm: float,
-    ids: Sequence[str] | None,
-    spacing_source: str,
-    max_voxels: int,
-) -> None:
-    """Refuse a reference grid over ``max_voxels`` before anything is allocated (sizes in float:
-    a 1e30 mm coordinate must not overflow to a negative voxel count)."""
-    from .errors import format_bytes
-
-    flat = pts.reshape(-1, pts.shape[-1]) if pts.ndim > 2 else pts
-    lo, hi = flat.min(axis=0) - margin_mm, flat.max(axis=0) + margin_mm
-    with np.errstate(over="ignore", invalid="ignore"):
-        size = np.ceil((hi - lo) / spacing) + 1
-        voxels = float(np.prod(size))
-    if np.all(np.isfinite(size)) and voxels <= max_voxels:
-        return
-    per_subject = pts.reshape(pts.shape[0], -1, 3) if pts.ndim == 3 else pts[None]
-    centre = np.median(per_subject.reshape(-1, 3), axis=0)
-    far = np.abs(per_subject - centre).max(axis=(1, 2))
-    worst = int(np.argmax(far))
-    who = f"subject {ids[worst]!r}" if ids is not None and worst < len(ids) else f"subject #{worst + 1}"
-    extent = (hi - lo).tolist()
-    shown = "x".join(f"{v:.3g}" for v in size.tolist())
-    per_image = format_bytes(voxels * 4) if np.isfinite(voxels) else "an unbounded size"
-    raise InputError(
-        f"reference grid too large: the training particles span {', '.join(f'{e:.4g}' for e in extent)} mm "
-        f"(farthest out: {who}, {far[worst]:.4g} mm from the cohort's median point) and the spacing is "
-        f"{', '.join(f'{v:.4g}' for v in spacing.tolist())} mm (from {spacing_source}): {shown} voxels, "
-        f"{per_image} per image, over the limit "
-        f"of {max_voxels} voxels. Check that subject's particle coordinates (mm), or choose a coarser "
-        "--spacing (or --downsample 2-4)"
-    )
-
-
 def _subject_field(subject: Any, name: str) -> Any:
     return getattr(subject, name, None)
+
+
+def _grid_transform(subject: Any) -> Any:
+    """The SimpleITK transform taking training-frame points (the grid) to the subject's image points:
+    the inverse of ``subject.image_transform`` (None: the image already is in the training frame)."""
+    matrix = _subject_field(subject, "image_transform")
+    if matrix is None:
+        return None
+    from .predict import matrix_to_transform
+
+    return matrix_to_transform(np.linalg.inv(np.asarray(matrix, dtype=np.float64)))
 
 
 def prepare_training_arrays(
@@ -138,12 +109,14 @@ def prepare_training_arrays(
     """Read every subject's image and particles and resample the image onto ``grid``.
 
     ``subjects`` are ``cohort.Subject`` objects (``id``, ``image``, ``particles``, optional
-    ``segmentation``). Checks that every subject has an image and particles, that all particle
+    ``segmentation``, ``image_transform``, ``particles_transform``): particles are moved into the
+    training frame and images resampled through the same transform, so the two stay overlaid. Checks that every subject has an image and particles, that all particle
     counts agree, that coordinates are finite and that images have usable values (no NaN/Inf,
     not constant, and not empty on the grid). All problems are reported together in one
     :class:`ValidationError`.
     """
     from . import io
+    from .cohort import subject_particles
     from .preprocess import check_image_values, resample_to_grid
 
     if len(subjects) == 0:
@@ -168,7 +141,7 @@ def prepare_training_arrays(
             problems.append(f"{sid}: no particles file (training needs ground-truth correspondences)")
         else:
             try:
-                pts = io.read_particles(pts_path)
+                pts = subject_particles(s)
                 if not np.all(np.isfinite(pts)):
                     problems.append(f"{pts_path}: particles contain NaN or Inf coordinates")
                     pts = None
@@ -181,7 +154,8 @@ def prepare_training_arrays(
             try:
                 image = io.read_image(img_path)
                 check_image_values(_sitk_view(image), str(img_path))
-                arr = resample_to_grid(image, grid)
+                to_image = _grid_transform(s)
+                arr = resample_to_grid(image, grid, transform=to_image)
                 if float(arr.max()) == float(arr.min()):
                     problems.append(
                         f"{img_path}: the image is constant on the reference grid "
@@ -191,7 +165,7 @@ def prepare_training_arrays(
                 if segs is not None:
                     seg = io.read_image(_subject_field(s, "segmentation"))
                     segs[i] = (
-                        resample_to_grid(seg, grid, interpolator="nearest", default_value=0.0) > 0.5
+                        resample_to_grid(seg, grid, to_image, interpolator="nearest", default_value=0.0) > 0.5
                     ).astype(np.uint8)
             except InputError as e:
                 problems.append(str(e))
@@ -440,7 +414,12 @@ def train_model(
 
     from . import io
     from .bundle import save_bundle
-    from .cohort import Cohort, load_cohort
+    from .cohort import (
+        Cohort,
+        load_cohort,
+        particles_in_image_space,
+        subject_particles,
+    )
     from .preprocess import IntensityNormalizer
     from .shape_model import ShapeModel
     from .training import TrainConfig, train
@@ -463,8 +442,8 @@ def train_model(
         raise InputError(f"validation fraction: expected a value in (0, 0.9), found {opts.val_fraction}")
     rank, world, barrier, release_group = _distributed_context(opts.device)
 
-    # -- geometry and arrays
-    particles = np.stack([io.read_particles(s.particles) for s in train_subjects])
+    # -- geometry and arrays (in the cohort's training frame: ShapeWorks' world frame when it has one)
+    particles = np.stack([subject_particles(s) for s in train_subjects])
     spacing = opts.spacing
     if spacing is None:
         spacing = tuple(float(v) for v in io.read_image(train_subjects[0].image).GetSpacing())
@@ -486,7 +465,8 @@ def train_model(
             f"{arrays.particles.shape[1]}"
         )
     reference = mean_reference_image(arrays.images, grid)
-    world_particles = arrays.particles
+    # meshes are in their subjects' image space: the template is warped from the particles there
+    mesh_particles = np.stack([particles_in_image_space(s) for s in train_subjects])
     if opts.align:
         arrays, _ = align_training_arrays(train_subjects, arrays, reference, None, progress, cancel)
         if val_arrays is not None:
@@ -582,6 +562,8 @@ def train_model(
         "n_val_samples": len(val_set),
         "augmentation": aug_info,
         "cohort": str(cohort.source),
+        "frame": {"name": cohort.frame, "reason": cohort.frame_reason},
+        "excluded_subjects": list(cohort.excluded),
         "world_size": world,
         "seconds_total": time.perf_counter() - t0,
     }
@@ -598,8 +580,7 @@ def train_model(
         bundle_sm.score_mean = net.score_mean.detach().cpu().double().numpy()
         bundle_sm.score_std = net.score_std.detach().cpu().double().numpy()
     summary["training_images_aligned"] = opts.align
-    # meshes are in the subjects' own frames: warp from their world particles (the TPS absorbs the pose)
-    template = template_mesh_for(train_subjects, world_particles, shape_model.mean, arrays.particles)
+    template = template_mesh_for(train_subjects, mesh_particles, shape_model.mean, arrays.particles)
     summary["template_mesh"] = "closest-to-mean training mesh warped to the mean" if template else "none"
     path = save_bundle(
         out,

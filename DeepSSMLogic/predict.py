@@ -129,6 +129,62 @@ def _foreground_centroid(image: Any) -> np.ndarray | None:
     return grid.index_to_physical(idx[:, ::-1].astype(np.float64).mean(axis=0))
 
 
+def _axis_aligned_array(image: Any, spacing: float, pad_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` resampled (linear) onto the axis-aligned grid at ``spacing`` mm covering its physical
+    extent plus ``pad_mm`` (filled with its minimum): ``(array (Z, Y, X) float32, grid origin (3,) mm)``."""
+    import SimpleITK as sitk
+
+    g = Grid.from_sitk(image)
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
+    phys = g.index_to_physical(corners * (np.asarray(g.size, dtype=np.float64) - 1))
+    lo, hi = phys.min(axis=0) - pad_mm, phys.max(axis=0) + pad_mm
+    size = [int(v) for v in np.ceil((hi - lo) / spacing).astype(int) + 1]
+    background = float(sitk.GetArrayViewFromImage(image).min())
+    out = sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        tuple(lo),
+        (spacing,) * 3,
+        (1, 0, 0, 0, 1, 0, 0, 0, 1),
+        background,
+    )
+    return sitk.GetArrayFromImage(out).astype(np.float32), lo
+
+
+def content_translation(fixed: Any, moving: Any, max_voxels: int = 64**3) -> np.ndarray | None:
+    """Translation ``t`` (mm, LPS; a fixed point ``p`` lies at ``p + t`` in ``moving``) that best
+    matches ``fixed`` inside ``moving`` by normalised cross-correlation over every shift (FFT), at a
+    coarse spacing. Finds the anatomy from the image content wherever the scanner put it (origins
+    hundreds of mm away, large fields of view); small rotations (a few degrees) barely lower the peak.
+    None when the images are too small or flat to correlate."""
+    from scipy.signal import fftconvolve
+
+    fg, mg = Grid.from_sitk(fixed), Grid.from_sitk(moving)
+    f_extent = np.asarray(fg.size, dtype=np.float64) * np.asarray(fg.spacing)
+    m_extent = np.asarray(mg.size, dtype=np.float64) * np.asarray(mg.spacing)
+    spacing = max(max(fg.spacing), max(mg.spacing), float(np.cbrt(np.prod(m_extent + f_extent) / max_voxels)))
+    f, f_origin = _axis_aligned_array(fixed, spacing)
+    # pad the input by half the reference so an anatomy cut by the field of view still matches
+    m, m_origin = _axis_aligned_array(moving, spacing, pad_mm=float(f_extent.max()) / 2.0)
+    if min(f.shape) < 2 or any(a < b for a, b in zip(m.shape, f.shape)):
+        return None
+    f0 = f - f.mean()
+    f_norm = float(np.sqrt((f0**2).sum()))
+    if f_norm == 0.0:
+        return None
+    n = f.size
+    ones = np.ones_like(f)
+    num = fftconvolve(m, f0[::-1, ::-1, ::-1], mode="valid")
+    s1 = fftconvolve(m, ones, mode="valid")
+    s2 = fftconvolve(m * m, ones, mode="valid")
+    var = np.maximum(s2 - s1 * s1 / n, 1e-6 * max(float(s2.max()), 1e-12))
+    ncc = num / (f_norm * np.sqrt(var))
+    z, y, x = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+    return m_origin + np.array([x, y, z], dtype=np.float64) * spacing - f_origin
+
+
 def _highpass(image: Any, sigma_mm: float) -> Any:
     """``image`` minus its Gaussian blur (σ mm): drops smooth intensity bias, keeps the edges."""
     import SimpleITK as sitk
@@ -212,9 +268,10 @@ def register_to_reference(
 ) -> Alignment:
     """Register ``moving`` (the input) onto ``fixed`` (the bundle's reference image).
 
-    Initial pose: the better (by the metric on the coarsest level) of the identity (data already
-    in the model frame) and a translation matching Otsu-foreground centroids (moments; handles
-    any offset, there is no clamp). ``anatomy``: the model's mean shape ``(M, 3)`` (mm, LPS, the
+    Initial pose: the best (by the metric on the coarsest level) of the identity (data already
+    in the model frame), a translation matching Otsu-foreground centroids (moments) and the
+    translation found by correlating the reference over the whole input (content; see
+    :func:`content_translation`). Any offset is handled: there is no clamp. ``anatomy``: the model's mean shape ``(M, 3)`` (mm, LPS, the
     fixed image's frame); with ``settings.anatomy_margin_mm`` the metric is restricted to the band
     around it (see :func:`anatomy_mask`). Returns the fixed→moving transform as an :class:`Alignment`.
     """
@@ -272,6 +329,9 @@ def register_to_reference(
     candidates = {"identity": make_tx(c_fixed, np.zeros(3))}
     if c_moving is not None:
         candidates["moments"] = make_tx(c_fixed, c_moving - c_fixed)
+    t_content = content_translation(fixed, moving)
+    if t_content is not None:
+        candidates["content"] = make_tx(c_fixed, t_content)
 
     # no level coarser than ~8 voxels per axis of the (already coarse) reference grid
     levels = [

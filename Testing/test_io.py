@@ -322,14 +322,17 @@ def test_polydata_from_arrays_accepts_whole_float_indices():
 def test_mesh_errors_name_the_file(tmp_path):
     with pytest.raises(InputError, match="mesh file not found"):
         read_mesh(tmp_path / "missing.vtk")
-    odd = tmp_path / "m.obj"
-    odd.write_text("v 0 0 0\n")
-    with pytest.raises(InputError, match=r"m\.obj: unsupported mesh format '\.obj'"):
+    odd = tmp_path / "m.off"  # .obj is supported (ShapeWorks accepts it); .off is not
+    odd.write_text("OFF\n1 0 0\n0 0 0\n")
+    with pytest.raises(InputError, match=r"m\.off: unsupported mesh format '\.off'"):
         read_mesh(odd)
     verts, tris = _octahedron()
-    with pytest.raises(InputError, match=r"out\.obj: unsupported mesh format"):
-        write_mesh(polydata_from_arrays(verts, tris), tmp_path / "out.obj")
-    assert not (tmp_path / "out.obj").exists()
+    with pytest.raises(InputError, match=r"out\.off: unsupported mesh format"):
+        write_mesh(polydata_from_arrays(verts, tris), tmp_path / "out.off")
+    assert not (tmp_path / "out.off").exists()
+    write_mesh(polydata_from_arrays(verts, tris), tmp_path / "out.obj")
+    back_verts, _ = arrays_from_polydata(read_mesh(tmp_path / "out.obj"))
+    np.testing.assert_allclose(back_verts, verts, atol=1e-5)
     empty = tmp_path / "empty.vtk"
     empty.write_text("# vtk DataFile Version 3.0\nempty\nASCII\nDATASET POLYDATA\nPOINTS 0 float\n")
     with pytest.raises(InputError, match="holds no points"):

@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repository / qt-scrip
             sys.path.insert(0, str(_root))
 
 from DeepSSMLogic.analysis import metrics
+from DeepSSMLogic.commands._cohort_args import add_cohort_options, cohort_from_args, cohort_header
 from DeepSSMLogic.errors import CancelledError, DeepSSMError, InputError
 from DeepSSMLogic.progress import ProgressCallback, ProgressEvent, json_line_reporter
 
@@ -199,7 +200,10 @@ def run_train(args: argparse.Namespace, progress: ProgressCallback, stream: Text
         seed=args.seed,
         restart=True,  # the module's Train button starts a fresh run (it offers no resume)
     )
-    outcome = train_model(args.cohort, args.out, options, progress)
+    cohort = cohort_from_args(args)  # the same cohort options as `deepssm train`
+    for line in cohort_header(cohort):
+        progress(ProgressEvent("cohort", 0, 1, line))
+    outcome = train_model(cohort, args.out, options, progress)
     bundle = outcome.bundle if outcome.bundle is not None else args.out
     return {
         "kind": "training",
@@ -233,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--sampler", choices=("kde", "gaussian", "gmm"), default="kde")
     tr.add_argument("--online", action="store_true", help="sample fresh augmented shapes every epoch")
     tr.add_argument("--seed", type=int, default=0)
+    add_cohort_options(tr)
     tr.set_defaults(run=run_train)
     return p
 

@@ -104,9 +104,9 @@ def _load(
     progress: ProgressCallback,
     cancel: CancelToken | None,
 ) -> tuple[_Data, Any]:
-    from ..cohort import load_cohort
+    from ..cohort import Cohort, load_cohort
 
-    coh = load_cohort(cohort, check_images=model is not None)
+    coh = cohort if isinstance(cohort, Cohort) else load_cohort(cohort, check_images=model is not None)
     subjects = list(coh.subjects)
     bundle = None
     if model is None:
@@ -138,10 +138,15 @@ def _load(
         progress(ProgressEvent("analyze", i, len(subjects), f"predicting {s.id}"))
         preds.append(predictor.predict(s.image, name=s.id))
     gt = coh.particles(subjects) if all(s.particles is not None for s in subjects) else None
+    # compare like with like: a ShapeWorks project in its world frame has world ground truth, and the
+    # model frame is that world frame (predictions in each scan's own space would carry its pose)
+    in_world = getattr(coh, "frame", "local") == "world"
     data = _Data(
         subjects,
         [_label(s, label_column) for s in subjects],
-        np.stack([p.particles for p in preds]),
+        np.stack(
+            [p.particles_model if in_world and p.particles_model is not None else p.particles for p in preds]
+        ),
         gt,
         np.stack([np.asarray(p.descriptor, dtype=np.float64).ravel() for p in preds]),
         bundle.descriptor_kind,
@@ -172,7 +177,7 @@ def _severity_sets(
 
 
 def analyze_cohort(
-    cohort: PathLike,
+    cohort: PathLike | Any,
     out_dir: PathLike,
     model: PathLike | None = None,
     normal_group: str = "normal",
@@ -196,6 +201,7 @@ def analyze_cohort(
     t0 = time.perf_counter()
     out = Path(out_dir)
     data, bundle = _load(cohort, model, label_column, device, align, progress, cancel)
+    cohort = getattr(cohort, "source", cohort)  # a loaded Cohort: name it by its file
     labels = np.array([lab if lab is not None else "" for lab in data.labels])
     labelled = labels != ""
     values = sorted(set(labels[labelled].tolist()))

@@ -122,14 +122,14 @@ def evaluate_model(
     ``out_dir`` and returns the metrics.json content (all distances in mm)."""
     from .. import io
     from ..bundle import load_bundle
-    from ..cohort import load_cohort
+    from ..cohort import Cohort, load_cohort, particles_in_image_space
     from ..mesh import MeshWarper, surface_distance
     from ..predict import Predictor
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     bundle = load_bundle(model)
-    coh = load_cohort(cohort)
+    coh = cohort if isinstance(cohort, Cohort) else load_cohort(cohort)
     subjects = coh.by_split(*splits)
     if not subjects:
         raise InputError(
@@ -137,7 +137,11 @@ def evaluate_model(
             "evaluation needs held-out subjects with images and ground-truth particles"
         )
     problems = [f"subject {s.id!r}: no image" for s in subjects if s.image is None]
-    problems += [f"subject {s.id!r}: no ground-truth particles" for s in subjects if s.particles is None]
+    # image-only rows (ShapeWorks' inference rows) are predicted and written, but have no metrics
+    image_only = [s for s in subjects if s.particles is None]
+    subjects = [s for s in subjects if s.particles is not None]
+    if not subjects:
+        problems.append("no subject has ground-truth particles (for predictions only, use `deepssm predict`)")
     if problems:
         raise ValidationError(f"{coh.source}: cannot evaluate the {'/'.join(splits)} subjects", problems)
 
@@ -153,6 +157,11 @@ def evaluate_model(
     else:
         t_warper = 0.0
 
+    for subj in image_only:
+        pred = predictor.predict(subj.image, name=subj.id)
+        io.write_particles(out / "predictions" / f"{subj.id}.particles", pred.particles)
+        if warper is not None:
+            io.write_mesh(warper.polydata(pred.particles), out / "predictions" / f"{subj.id}.vtk")
     n = len(subjects)
     results: list[SubjectResult] = []
     t_pred_total = 0.0
@@ -164,7 +173,7 @@ def evaluate_model(
         pred = predictor.predict(subj.image, name=subj.id)
         t_pred = time.perf_counter() - t0
         t_pred_total += t_pred
-        gt = io.read_particles(subj.particles)
+        gt = particles_in_image_space(subj)  # where the prediction from this image lands
         if gt.shape != pred.particles.shape:
             raise InputError(
                 f"{subj.particles}: {gt.shape[0]} ground-truth particles, but the model predicts {pred.particles.shape[0]}"
@@ -220,6 +229,8 @@ def evaluate_model(
         "cohort": str(coh.source),
         "splits": list(splits),
         "n_subjects": n,
+        "frame": {"name": coh.frame, "reason": coh.frame_reason},
+        "predicted_without_ground_truth": [s.id for s in image_only],
         "rmse_mm": metrics.summarize([r["rmse_mm"] for r in rows]),
         "rmse_pooled_mm": float(metrics.rmse(pred_all.reshape(-1, 3), gt_all.reshape(-1, 3))),
         "per_point_rmse_mm": {

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from . import add_device_option, add_overwrite_option, progress_bars
+from ._cohort_args import add_cohort_options, cohort_from_args, cohort_header
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -56,6 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-figures", action="store_true", help="numbers only: no renders, no report.html")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_overwrite_option(parser)
+    add_cohort_options(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -77,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if args.swim_steps < 2:
         raise InputError(f"--swim-steps: expected ≥ 2, found {args.swim_steps}")
     severity_column = None if str(args.severity_column).lower() in ("", "none") else args.severity_column
+    cohort = cohort_from_args(args, check_images=args.model is not None)
+    print("\n".join(cohort_header(cohort)))
     with progress_bars(disable=args.quiet) as report:
         result = analyze_cohort(
-            args.cohort,
+            cohort,
             args.out,
             model=args.model,
             normal_group=args.normal_group,

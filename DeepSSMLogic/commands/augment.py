@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from . import add_device_option, progress_bars
+from ._cohort_args import add_cohort_options, cohort_from_args, cohort_header
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--export-nrrd", type=int, default=0, metavar="K", help="also write the first K samples as .nrrd"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_cohort_options(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -58,21 +60,22 @@ def run(args: argparse.Namespace) -> int:
     from ..augment import make_sampler, quality_report
     from ..augment.dataset import check_set_location, write_augmented_set
     from ..augment.tps import DEFAULT_COARSE
-    from ..cohort import load_cohort
+    from ..cohort import subject_particles
     from ..errors import InputError
     from ..pipeline import prepare_training_arrays, reference_grid
     from ..shape_model import ShapeModel
 
     if args.n < 1:
         raise InputError(f"--n: expected a positive number of samples, found {args.n}")
-    cohort = load_cohort(args.cohort)
+    cohort = cohort_from_args(args)
+    print("\n".join(cohort_header(cohort)))
     subjects = cohort.by_split("train")
     if len(subjects) < 2:
         raise InputError(
             f"{args.cohort}: augmentation needs at least 2 training subjects, found {len(subjects)}"
         )
     with progress_bars(disable=args.quiet) as report:
-        particles = np.stack([io.read_particles(s.particles) for s in subjects])
+        particles = np.stack([subject_particles(s) for s in subjects])
         spacing = args.spacing
         if spacing is None:
             spacing = tuple(float(v) for v in io.read_image(subjects[0].image).GetSpacing())

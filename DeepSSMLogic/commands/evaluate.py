@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from . import add_device_option, add_overwrite_option, progress_bars
+from ._cohort_args import add_cohort_options, cohort_from_args, cohort_header
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -46,6 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-figures", action="store_true", help="metrics only: no renders, no report.html")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_overwrite_option(parser)
+    add_cohort_options(parser, image_only_help="also predict image-only rows (written, without metrics)")
     parser.set_defaults(run=run)
     return parser
 
@@ -66,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..analysis.evaluation import evaluate_model
 
+    cohort = cohort_from_args(args)
+    print("\n".join(cohort_header(cohort)))
     with progress_bars(disable=args.quiet) as report:
         summary = evaluate_model(
             args.model,
-            args.cohort,
+            cohort,
             args.out,
             splits=tuple(args.split or ("test",)),
             device=args.device,

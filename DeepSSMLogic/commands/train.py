@@ -12,6 +12,14 @@ from typing import Any
 
 from . import add_device_option, add_overwrite_option, progress_bars
 from . import tqdm_progress as tqdm_progress  # re-exported: it lived here before commands/__init__
+from ._cohort_args import (
+    PROJECT_SETTINGS,
+    add_cohort_options,
+    apply_project_settings,
+    cohort_from_args,
+    cohort_header,
+    track_defaults,
+)
 
 
 def _is_rank0() -> bool:
@@ -85,6 +93,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--work-dir", help="intermediate files (default: MODEL.work next to MODEL)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_cohort_options(
+        parser, image_only_help="accept image-only rows (test subjects); they are never trained on"
+    )
+    # a ShapeWorks project's deepssm settings fill the options not typed on the command line
+    track_defaults(parser, [dest for dest, _ in PROJECT_SETTINGS.values()])
     parser.set_defaults(run=run)
     return parser
 
@@ -109,6 +122,10 @@ def parse_extra(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from ..pipeline import TrainingOptions, train_model
 
+    cohort = cohort_from_args(args)
+    settings_report = apply_project_settings(args, cohort)
+    if _is_rank0():
+        print("\n".join([*cohort_header(cohort), "Settings:", *settings_report]))
     extra = parse_extra(args.extra)
     options = TrainingOptions(
         variant=args.variant,
@@ -132,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         extra=extra,
     )
     with progress_bars(disable=args.quiet or not _is_rank0()) as report:
-        outcome = train_model(args.cohort, args.out, options, report, work_dir=args.work_dir)
+        outcome = train_model(cohort, args.out, options, report, work_dir=args.work_dir)
     if outcome.bundle is not None:
         s = outcome.summary
         print(

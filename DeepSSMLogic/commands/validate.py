@@ -10,7 +10,9 @@ import argparse
 from collections import Counter
 from typing import Any
 
-from ..cohort import SPLITS, Cohort, load_cohort
+from ..cohort import SPLITS, Cohort, check_cohort_content
+from ..errors import ValidationError
+from ._cohort_args import PROJECT_SETTINGS, add_cohort_options, cohort_from_args, cohort_header
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -18,9 +20,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "validate",
         help="check a cohort (CSV manifest or ShapeWorks .swproj/.xlsx) and print a summary",
         description=(
-            "Check every file a cohort names (images readable, 3D and scalar; particle files finite and "
-            "with one point count; ids unique; splits train/val/test) and print a summary. All problems "
-            "are listed at once; the exit code is 0 when there are none and 2 otherwise."
+            "Check every file a cohort names (images readable, 3D and scalar, with finite, non-constant "
+            "values; particle files finite, with one point count, and lying on their image; ids unique; "
+            "splits train/val/test; a reference grid of sane size) and print a summary, with the frame "
+            "a ShapeWorks project is used in and why (docs/SHAPEWORKS.md). All problems are listed at "
+            "once; the exit code is 0 when there are none and 2 otherwise."
         ),
         epilog="example: deepssm validate data/cohort.csv",
     )
@@ -28,36 +32,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-check-images",
         action="store_true",
-        help="only check that image files exist (skip reading headers)",
+        help="only check that image files exist (skip reading their headers and voxels)",
     )
     parser.add_argument(
-        "--allow-image-only",
-        action="store_true",
-        help="accept subjects without particles (new images to predict); they count as the test split",
+        "--spacing",
+        type=float,
+        help="reference grid spacing (mm) for the grid-size check (default: the project's, else the images')",
     )
-    parser.add_argument(
-        "--particles",
-        choices=("local", "world"),
-        default="local",
-        help="ShapeWorks projects: which particle files to use (default: local = the image's own space)",
-    )
-    parser.add_argument("--domain", help="ShapeWorks projects with several domains: the one to use")
-    parser.add_argument(
-        "--image-column", help="ShapeWorks projects with several image_* columns: the one to use"
-    )
+    add_cohort_options(parser)
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    cohort = load_cohort(
-        args.cohort,
-        check_images=not args.no_check_images,
-        require_particles=not args.allow_image_only,
-        particles=args.particles,
-        domain=args.domain,
-        image_column=args.image_column,
-    )
+    cohort = cohort_from_args(args, check_images=not args.no_check_images)
+    if not args.no_check_images:
+        # what training would reject (image values, particles off their image, grid size), before any work
+        spacing = args.spacing
+        if spacing is None and cohort.settings.get("spacing"):
+            try:
+                spacing = PROJECT_SETTINGS["spacing"][1](cohort.settings["spacing"])
+            except ValueError:
+                spacing = None
+        problems = check_cohort_content(cohort, spacing)
+        if problems:
+            raise ValidationError(f"{cohort.source}: the files load, but training would fail", problems)
     print(summary(cohort))
     return 0
 
@@ -67,6 +66,7 @@ def summary(cohort: Cohort) -> str:
     counts = cohort.split_counts()
     lines = [
         f"Cohort: {cohort.source}",
+        *cohort_header(cohort),
         f"Subjects: {len(cohort)} (" + ", ".join(f"{name} {counts[name]}" for name in SPLITS) + ")",
     ]
     n_particles = cohort.n_particles()
@@ -78,5 +78,10 @@ def summary(cohort: Cohort) -> str:
     groups = Counter(s.group for s in cohort.subjects if s.group is not None)
     lines.append("Groups: " + (", ".join(f"{g} ({groups[g]})" for g in cohort.groups) or "none"))
     lines.append("Metadata columns: " + (", ".join(cohort.metadata_columns) or "none"))
+    if cohort.settings:
+        lines.append(
+            "Project deepssm settings (defaults for train; the command line wins): "
+            + ", ".join(f"{k}={v}" for k, v in cohort.settings.items())
+        )
     lines.append("OK: no problems found")
     return "\n".join(lines)
