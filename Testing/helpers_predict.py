@@ -87,7 +87,7 @@ def reference_grid_for_phantom() -> Grid:
     return Grid((-22.0, -18.0, -16.0), (2.0, 2.0, 2.0), (23, 19, 17))
 
 
-def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64) -> Path:
+def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64, encoder: str = "paper") -> Path:
     """An untrained Base-DeepSSM bundle on a 23×19×17 grid (2 mm); PCA from scaled phantoms."""
     import torch
 
@@ -104,7 +104,14 @@ def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64) -> Path:
     ref_img.SetSpacing(grid.spacing)
     normalizer = IntensityNormalizer.fit(ref_arr[None])
     net = BaseDeepSSM(
-        grid.shape_zyx, 3, sm.mean, sm.components, sm.score_mean, sm.score_std, conv_padding="same"
+        grid.shape_zyx,
+        3,
+        sm.mean,
+        sm.components,
+        sm.score_mean,
+        sm.score_std,
+        conv_padding="same",
+        encoder=encoder,
     ).eval()
     return save_bundle(
         path,
