@@ -12,6 +12,13 @@ implementation's newest version does: the FC layer then no longer grows with the
 Every network carries its :attr:`architecture` dict (JSON-able). ``build_network(architecture)``
 rebuilds an empty network of the same shape whose PCA / normalisation buffers are then filled by
 ``load_state_dict`` — the state dict is the only other thing a bundle needs.
+
+``encoder="light"`` (issue 16, opt-in) swaps the paper's conv stack for a cheaper one for CPU
+training — a strided 3×3×3 stem (no full-resolution convolution), 3×3×3 residual blocks and
+stride-2 convolutions instead of max pooling (16, 32, 64 channels at 1/2, 1/4, 1/8 resolution) —
+and keeps everything after it (FC 384 → 96 → output, the PCA layer / the TL decoder) unchanged.
+Its convolutions always pad (``conv_padding="same"``). Architectures without an ``encoder`` field
+are the paper's; a light network records architecture version 2 so older software refuses it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ POOL_AFTER = (0, 2, 4)  # 0-based conv indices followed by MaxPool3d(2)
 KERNEL = 5
 FC_SIZES = (384, 96)
 PADDINGS = ("valid", "same")
-ARCHITECTURE_VERSION = 1
+ENCODERS = ("paper", "light")
+LIGHT_CHANNELS = (16, 32, 64)  # at 1/2, 1/4, 1/8 of the input resolution
+ARCHITECTURE_VERSION = 2  # 2: the "encoder" field; paper networks still write 1 (older readers load them)
 
 
 def encoder_output_shape(input_shape_zyx: Sequence[int], conv_padding: str = "valid") -> tuple[int, int, int]:
@@ -50,6 +59,17 @@ def encoder_output_shape(input_shape_zyx: Sequence[int], conv_padding: str = "va
     return out[0], out[1], out[2]
 
 
+def light_output_shape(input_shape_zyx: Sequence[int]) -> tuple[int, int, int]:
+    """Spatial size ``(Z, Y, X)`` after the light encoder's three stride-2 convolutions (⌈n/8⌉)."""
+    out = []
+    for n in input_shape_zyx:
+        n = int(n)
+        for _ in LIGHT_CHANNELS:
+            n = (n + 1) // 2  # 3×3×3, padding 1, stride 2
+        out.append(n)
+    return out[0], out[1], out[2]
+
+
 def minimum_grid_size(conv_padding: str = "valid") -> int:
     """Smallest number of voxels per axis that leaves ≥ 1 voxel after the encoder (60 for valid)."""
     n = 1
@@ -62,6 +82,15 @@ def _check_padding(conv_padding: str) -> None:
     if conv_padding not in PADDINGS:
         raise InputError(
             f"architecture field 'conv_padding': expected one of {PADDINGS}, found {conv_padding!r}"
+        )
+
+
+def _check_encoder(encoder: str, conv_padding: str) -> None:
+    if encoder not in ENCODERS:
+        raise InputError(f"architecture field 'encoder': expected one of {ENCODERS}, found {encoder!r}")
+    if encoder == "light" and conv_padding != "same":
+        raise InputError(
+            f"the light encoder pads its convolutions: conv_padding must be 'same', found {conv_padding!r}"
         )
 
 
@@ -82,8 +111,63 @@ def _check_shape(input_shape_zyx: Sequence[int], conv_padding: str) -> tuple[int
     return shape  # type: ignore[return-value]
 
 
+def _conv_bn_act(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [
+        nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm3d(c_out),
+        nn.PReLU(),
+    ]
+
+
+class ResidualBlock3d(nn.Module):
+    """``x + BN(conv(PReLU(BN(conv(x)))))`` then PReLU; 3×3×3, same channels and size.
+
+    The second batch norm starts at γ = 0 so each block is the identity at initialisation (the
+    network starts as a plain strided stack and grows its residual paths as they help).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn_act(channels, channels, 1),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm3d(channels),
+        )
+        self.act = nn.PReLU()
+
+    def reset_residual(self) -> None:
+        nn.init.zeros_(self.body[-1].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+def _paper_conv_stack(conv_padding: str) -> list[nn.Module]:
+    pad = 0 if conv_padding == "valid" else KERNEL // 2
+    layers: list[nn.Module] = []
+    c_in = 1
+    for i, c_out in enumerate(ENCODER_CHANNELS):
+        layers += [nn.Conv3d(c_in, c_out, KERNEL, padding=pad), nn.BatchNorm3d(c_out), nn.PReLU()]
+        if i in POOL_AFTER:
+            layers.append(nn.MaxPool3d(2))
+        c_in = c_out
+    return layers
+
+
+def _light_conv_stack() -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    c_in = 1
+    for c_out in LIGHT_CHANNELS:
+        layers += [*_conv_bn_act(c_in, c_out, 2), ResidualBlock3d(c_out)]
+        c_in = c_out
+    return layers
+
+
 class ImageEncoder(nn.Module):
-    """Conv encoder + FC 384 → 96 → ``n_out``: ``(B, 1, Z, Y, X) -> (B, n_out)``."""
+    """Conv encoder + FC 384 → 96 → ``n_out``: ``(B, 1, Z, Y, X) -> (B, n_out)``.
+
+    ``encoder``: "paper" (5×5×5 convs, max pooling) or "light" (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -91,26 +175,25 @@ class ImageEncoder(nn.Module):
         n_out: int,
         conv_padding: str = "valid",
         pool_size: int | None = None,
+        encoder: str = "paper",
     ):
         super().__init__()
         shape = _check_shape(input_shape_zyx, conv_padding)
+        _check_encoder(encoder, conv_padding)
         if pool_size is not None and int(pool_size) < 1:
             raise InputError(f"architecture field 'pool_size': expected ≥ 1 or null, found {pool_size}")
-        pad = 0 if conv_padding == "valid" else KERNEL // 2
-        layers: list[nn.Module] = []
-        c_in = 1
-        for i, c_out in enumerate(ENCODER_CHANNELS):
-            layers += [nn.Conv3d(c_in, c_out, KERNEL, padding=pad), nn.BatchNorm3d(c_out), nn.PReLU()]
-            if i in POOL_AFTER:
-                layers.append(nn.MaxPool3d(2))
-            c_in = c_out
+        if encoder == "light":
+            layers, channels, conv_shape = _light_conv_stack(), LIGHT_CHANNELS[-1], light_output_shape(shape)
+        else:
+            layers = _paper_conv_stack(conv_padding)
+            channels, conv_shape = ENCODER_CHANNELS[-1], encoder_output_shape(shape, conv_padding)
         if pool_size is not None:
             layers.append(nn.AdaptiveAvgPool3d(int(pool_size)))
             spatial = int(pool_size) ** 3
         else:
-            spatial = math.prod(encoder_output_shape(shape, conv_padding))
+            spatial = math.prod(conv_shape)
         self.conv = nn.Sequential(*layers)
-        self.flat_features = ENCODER_CHANNELS[-1] * spatial
+        self.flat_features = channels * spatial
         self.fc = nn.Sequential(
             nn.Linear(self.flat_features, FC_SIZES[0]),
             nn.PReLU(),
@@ -128,6 +211,9 @@ def xavier_init(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv3d, nn.Linear)):
             nn.init.xavier_normal_(m.weight)
+    for m in module.modules():  # after Xavier: residual blocks start as the identity
+        if isinstance(m, ResidualBlock3d):
+            m.reset_residual()
 
 
 def zero_output_layer(encoder: ImageEncoder) -> None:
@@ -149,6 +235,11 @@ def _as_tensor(a: Any, shape: tuple[int, ...], name: str) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise InputError(f"{name}: contains NaN or Inf")
     return t
+
+
+def _version_fields(encoder: str) -> dict[str, Any]:
+    # paper networks keep version 1 and no "encoder" field: bundles stay readable by older releases
+    return {"version": 1} if encoder == "paper" else {"version": ARCHITECTURE_VERSION, "encoder": encoder}
 
 
 def _fp32_off_autocast(device_type: str) -> Any:
@@ -178,6 +269,7 @@ class BaseDeepSSM(nn.Module):
         n_particles: int | None = None,
         conv_padding: str = "valid",
         pool_size: int | None = None,
+        encoder: str = "paper",
     ):
         super().__init__()
         k = int(n_modes)
@@ -192,7 +284,8 @@ class BaseDeepSSM(nn.Module):
         self.input_shape_zyx = _check_shape(input_shape_zyx, conv_padding)
         self.n_modes, self.n_particles, self.conv_padding = k, m, conv_padding
         self.pool_size = None if pool_size is None else int(pool_size)
-        self.encoder = ImageEncoder(self.input_shape_zyx, k, conv_padding, self.pool_size)
+        self.encoder_kind = encoder
+        self.encoder = ImageEncoder(self.input_shape_zyx, k, conv_padding, self.pool_size, encoder)
         self.decoder = nn.Linear(k, 3 * m)  # PCA reconstruction: particles = mean + scores @ basis
         xavier_init(self)
         zero_output_layer(self.encoder)
@@ -219,7 +312,7 @@ class BaseDeepSSM(nn.Module):
     @property
     def architecture(self) -> dict[str, Any]:
         return {
-            "version": ARCHITECTURE_VERSION,
+            **_version_fields(self.encoder_kind),
             "variant": "base",
             "input_shape_zyx": list(self.input_shape_zyx),
             "n_particles": self.n_particles,
@@ -285,6 +378,7 @@ class TLDeepSSM(nn.Module):
         hidden: int = 512,
         conv_padding: str = "valid",
         pool_size: int | None = None,
+        encoder: str = "paper",
     ):
         super().__init__()
         if int(latent_dim) < 1 or int(n_particles) < 1 or int(hidden) < 1:
@@ -296,8 +390,11 @@ class TLDeepSSM(nn.Module):
         self.n_particles, self.latent_dim, self.hidden = int(n_particles), int(latent_dim), int(hidden)
         self.conv_padding = conv_padding
         self.pool_size = None if pool_size is None else int(pool_size)
+        self.encoder_kind = encoder
         self.autoencoder = CorrespondenceAutoencoder(self.n_particles, self.latent_dim, self.hidden)
-        self.tflank = ImageEncoder(self.input_shape_zyx, self.latent_dim, conv_padding, self.pool_size)
+        self.tflank = ImageEncoder(
+            self.input_shape_zyx, self.latent_dim, conv_padding, self.pool_size, encoder
+        )
         xavier_init(self)
         zero_output_layer(self.tflank)
         with torch.no_grad():
@@ -313,7 +410,7 @@ class TLDeepSSM(nn.Module):
     @property
     def architecture(self) -> dict[str, Any]:
         return {
-            "version": ARCHITECTURE_VERSION,
+            **_version_fields(self.encoder_kind),
             "variant": "tl",
             "input_shape_zyx": list(self.input_shape_zyx),
             "n_particles": self.n_particles,
@@ -356,6 +453,7 @@ def build_network(architecture: dict[str, Any]) -> nn.Module:
     shape = _field(architecture, "input_shape_zyx")
     padding = _field(architecture, "conv_padding", "valid")
     pool_size = _field(architecture, "pool_size", None)
+    encoder = _field(architecture, "encoder", "paper")
     if variant == "base":
         return BaseDeepSSM(
             shape,
@@ -363,6 +461,7 @@ def build_network(architecture: dict[str, Any]) -> nn.Module:
             n_particles=int(_field(architecture, "n_particles")),
             conv_padding=padding,
             pool_size=pool_size,
+            encoder=encoder,
         )
     if variant == "tl":
         return TLDeepSSM(
@@ -372,6 +471,7 @@ def build_network(architecture: dict[str, Any]) -> nn.Module:
             hidden=int(_field(architecture, "hidden", 512)),
             conv_padding=padding,
             pool_size=pool_size,
+            encoder=encoder,
         )
     raise InputError(f"architecture field 'variant': expected 'base' or 'tl', found {variant!r}")
 

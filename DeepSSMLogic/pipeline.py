@@ -221,6 +221,7 @@ class TrainingOptions:
     downsample: float = 1.0
     margin_mm: float = 10.0
     conv_padding: str = "auto"  # "auto": "valid" (the paper) when the grid allows it, else "same"
+    encoder: str = "paper"  # "paper" | "light" (always "same" padding); see networks
     val_fraction: float = 0.15
     n_modes: int | None = None
     # Register training images to the reference like the predictor does. Off by default: a training
@@ -281,12 +282,15 @@ def default_work_dir(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".zip") + ".work")
 
 
-def choose_conv_padding(grid: Grid, requested: str = "auto") -> str:
-    """ "valid" (the paper's convolutions) when every axis is large enough, else "same"."""
+def choose_conv_padding(grid: Grid, requested: str = "auto", encoder: str = "paper") -> str:
+    """ "valid" (the paper's convolutions) when every axis is large enough, else "same"; the light
+    encoder always pads ("same")."""
     from .networks import minimum_grid_size
 
     if requested != "auto":
         return requested
+    if encoder == "light":
+        return "same"
     return "valid" if min(grid.size) >= minimum_grid_size("valid") else "same"
 
 
@@ -456,7 +460,7 @@ def train_model(
         spacing_source=spacing_source(opts.spacing, train_subjects[0], opts.downsample),
     )
     check_training_outputs(out, work, opts, grid, particles.shape[1])
-    padding = choose_conv_padding(grid, opts.conv_padding)
+    padding = choose_conv_padding(grid, opts.conv_padding, opts.encoder)
     arrays = prepare_training_arrays(train_subjects, grid, progress, cancel)
     val_arrays = prepare_training_arrays(val_subjects, grid, progress, cancel) if val_subjects else None
     if val_arrays is not None and val_arrays.particles.shape[1] != arrays.particles.shape[1]:
@@ -538,6 +542,7 @@ def train_model(
         device=opts.device,
         seed=opts.seed,
         conv_padding=padding,
+        encoder=opts.encoder,
         n_modes=opts.n_modes,
     )
     config = TrainConfig.from_dict(fields)

@@ -69,6 +69,7 @@ class TrainConfig:
     variance_fraction: float = 0.99
     conv_padding: str = "valid"  # "same" is our deviation for grids under 60 voxels per axis
     pool_size: int | None = None  # adaptive pool before the FC layer (None: the paper's flatten)
+    encoder: str = "paper"  # "paper" | "light" (networks module docstring; light needs conv_padding "same")
     latent_dim: int = 64  # TL bottleneck
     ae_hidden: int = 512
     ae_epochs: int = 100
@@ -97,6 +98,7 @@ class TrainConfig:
             "variant": ("base", "tl"),
             "loss": ("l2", "focal"),
             "conv_padding": ("valid", "same"),
+            "encoder": ("paper", "light"),
             "precision": ("auto", "fp32", "bf16"),
             "channels_last": ("auto", "on", "off"),
             "data_on_device": ("auto", "always", "never"),
@@ -514,6 +516,7 @@ def _build_model(config: TrainConfig, train: _Data, shape_model: Any) -> tuple[n
             sm.score_std,
             conv_padding=config.conv_padding,
             pool_size=config.pool_size,
+            encoder=config.encoder,
         )
         return model, sm
     mean = pts.mean(axis=0)
@@ -527,6 +530,7 @@ def _build_model(config: TrainConfig, train: _Data, shape_model: Any) -> tuple[n
         hidden=config.ae_hidden,
         conv_padding=config.conv_padding,
         pool_size=config.pool_size,
+        encoder=config.encoder,
     )
     return model, None
 
@@ -724,7 +728,7 @@ def _train(
     dist.barrier()
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        saved = json.loads(ckpt["config"])
+        saved = {"encoder": "paper"} | json.loads(ckpt["config"])  # checkpoints from before the field
         mine = config.to_dict()
         diff = sorted(
             k for k in set(saved) | set(mine) if k not in _RESUME_FREE_FIELDS and saved.get(k) != mine.get(k)

@@ -87,7 +87,7 @@ def reference_grid_for_phantom() -> Grid:
     return Grid((-22.0, -18.0, -16.0), (2.0, 2.0, 2.0), (23, 19, 17))
 
 
-def tiny_bundle_parts(seed: int = 0, n_particles: int = 64):
+def tiny_bundle_parts(seed: int = 0, n_particles: int = 64, encoder: str = "paper"):
     """What :func:`make_tiny_bundle` saves: ``(network (eval mode), shape_model, grid, reference image,
     normaliser)``. The network is built right after ``torch.manual_seed(seed)`` (nothing else draws
     from torch's generator), so two calls with one seed give identical weights."""
@@ -106,14 +106,21 @@ def tiny_bundle_parts(seed: int = 0, n_particles: int = 64):
     normalizer = IntensityNormalizer.fit(ref_arr[None])
     torch.manual_seed(seed)
     net = BaseDeepSSM(
-        grid.shape_zyx, 3, sm.mean, sm.components, sm.score_mean, sm.score_std, conv_padding="same"
+        grid.shape_zyx,
+        3,
+        sm.mean,
+        sm.components,
+        sm.score_mean,
+        sm.score_std,
+        conv_padding="same",
+        encoder=encoder,
     ).eval()
     return net, sm, grid, ref_img, normalizer
 
 
-def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64) -> Path:
+def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64, encoder: str = "paper") -> Path:
     """An untrained Base-DeepSSM bundle on a 23×19×17 grid (2 mm); PCA from scaled phantoms."""
-    net, sm, grid, ref_img, normalizer = tiny_bundle_parts(seed, n_particles)
+    net, sm, grid, ref_img, normalizer = tiny_bundle_parts(seed, n_particles, encoder)
     return save_bundle(
         path,
         net,

@@ -10,12 +10,16 @@ import torch
 
 from DeepSSMLogic.errors import InputError
 from DeepSSMLogic.networks import (
+    LIGHT_CHANNELS,
     BaseDeepSSM,
+    ResidualBlock3d,
     TLDeepSSM,
     build_network,
     count_parameters,
     encoder_output_shape,
+    light_output_shape,
     minimum_grid_size,
+    xavier_init,
 )
 
 
@@ -186,3 +190,112 @@ def test_pca_path_stays_fp32_under_bf16_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         scores, particles = net(torch.randn(1, 1, 8, 8, 8))
     assert scores.dtype == torch.float32 and particles.dtype == torch.float32
+
+
+# -- the light encoder (issue 16) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 8), (17, 20, 23), (38, 46, 52)])
+def test_light_encoder_shapes(shape):
+    torch.manual_seed(0)
+    net = BaseDeepSSM(shape, 5, **_pca(20, 5), conv_padding="same", encoder="light").eval()
+    with torch.no_grad():
+        scores, particles = net(torch.randn(2, 1, *shape))
+    assert scores.shape == (2, 5) and particles.shape == (2, 20, 3)
+    assert light_output_shape(shape) == tuple(-(-n // 8) for n in shape)  # ⌈n/8⌉ after 3 stride-2 convs
+    assert net.encoder.flat_features == LIGHT_CHANNELS[-1] * int(np.prod(light_output_shape(shape)))
+    tl = TLDeepSSM(shape, 20, 6, conv_padding="same", encoder="light").eval()
+    with torch.no_grad():
+        latent, recon = tl(torch.randn(2, 1, *shape))
+    assert latent.shape == (2, 6) and recon.shape == (2, 20, 3)
+
+
+def test_light_encoder_parameter_count_and_no_full_resolution_conv():
+    # 52×46×38 (x×y×z), 10 modes, 512 particles: the light stack's convolutions, counted by hand
+    shape = (38, 46, 52)
+    light = BaseDeepSSM(shape, 10, n_particles=512, conv_padding="same", encoder="light")
+    paper = BaseDeepSSM(shape, 10, n_particles=512, conv_padding="same")
+    convs = 0
+    c_in = 1
+    for c in LIGHT_CHANNELS:  # strided conv (no bias) + BN + PReLU, residual block: 2 convs + 2 BN + PReLU ×2
+        convs += (27 * c_in * c + 2 * c + 1) + 2 * (27 * c * c + 2 * c) + 2
+        c_in = c
+    flat = 64 * 5 * 6 * 7
+    fc = (flat * 384 + 384 + 1) + (384 * 96 + 96 + 1) + (96 * 10 + 10)
+    assert count_parameters(light, trainable_only=True) == convs + fc
+    assert count_parameters(light, trainable_only=True) < count_parameters(paper, trainable_only=True) / 2
+    first = next(m for m in light.encoder.conv.modules() if isinstance(m, torch.nn.Conv3d))
+    assert first.kernel_size == (3, 3, 3) and first.stride == (2, 2, 2)
+
+
+def test_light_encoder_untrained_predicts_the_mean_shape():
+    torch.manual_seed(0)
+    pca = _pca(16, 4)
+    net = BaseDeepSSM((12, 12, 12), 4, **pca, conv_padding="same", encoder="light").eval()
+    with torch.no_grad():
+        scores, particles = net(torch.randn(3, 1, 12, 12, 12) * 5)
+    mean_scores = torch.as_tensor(pca["score_mean"], dtype=torch.float32).expand(3, 4)
+    assert torch.allclose(scores, mean_scores, atol=1e-5)
+    expected = net.reconstruct(mean_scores)
+    assert torch.allclose(particles, expected, atol=1e-4)
+
+
+def test_light_residual_blocks_start_as_identity_but_train():
+    torch.manual_seed(0)
+    block = ResidualBlock3d(4)
+    xavier_init(block)
+    x = torch.randn(2, 4, 5, 5, 5)
+    assert torch.allclose(block(x), block.act(x))
+    assert block.body[-1].weight.requires_grad
+
+
+def test_light_architecture_round_trip_and_paper_default():
+    torch.manual_seed(1)
+    net = BaseDeepSSM((10, 12, 14), 3, **_pca(8, 3), conv_padding="same", encoder="light").eval()
+    arch = json.loads(json.dumps(net.architecture))
+    assert arch["encoder"] == "light" and arch["version"] == 2
+    rebuilt = build_network(arch)
+    rebuilt.load_state_dict(net.state_dict())
+    rebuilt.eval()
+    x = torch.randn(2, 1, 10, 12, 14)
+    with torch.no_grad():
+        assert torch.equal(net(x)[1], rebuilt(x)[1])
+    # a bundle written before the field existed (no "encoder", version 1) is the paper's network
+    paper = BaseDeepSSM((10, 12, 14), 3, n_particles=8, conv_padding="same")
+    old = {k: v for k, v in paper.architecture.items() if k != "encoder"}
+    assert old["version"] == 1 and "encoder" not in paper.architecture
+    assert isinstance(build_network(old).encoder.conv[0], torch.nn.Conv3d)
+    assert build_network(old).encoder.conv[0].kernel_size == (5, 5, 5)
+    tl = TLDeepSSM((10, 12, 14), 8, 4, conv_padding="same", encoder="light")
+    assert build_network(json.loads(json.dumps(tl.architecture))).architecture == tl.architecture
+
+
+def test_light_encoder_refusals():
+    with pytest.raises(InputError, match="conv_padding must be 'same'"):
+        BaseDeepSSM((64, 64, 64), 3, n_particles=10, conv_padding="valid", encoder="light")
+    with pytest.raises(InputError, match="'encoder'"):
+        build_network(
+            {
+                "variant": "base",
+                "input_shape_zyx": [8, 8, 8],
+                "n_modes": 2,
+                "n_particles": 4,
+                "conv_padding": "same",
+                "encoder": "tiny",
+                "version": 2,
+            }
+        )
+
+
+def test_light_bundle_round_trip(tmp_path):
+    from helpers_predict import make_tiny_bundle
+
+    from DeepSSMLogic.bundle import load_bundle
+
+    path = make_tiny_bundle(tmp_path / "light", seed=2, encoder="light")
+    b = load_bundle(path)
+    assert b.meta["architecture"]["encoder"] == "light"
+    assert isinstance(b.network.encoder.conv[3], ResidualBlock3d)
+    saved = torch.load(path / "weights.pt", weights_only=True)
+    for k, v in b.network.state_dict().items():
+        assert torch.equal(v, saved[k]), k

@@ -75,6 +75,8 @@ def test_config_json_round_trip_and_validation():
         TrainConfig(loss="mse").validate()
     with pytest.raises(InputError, match="batch_size"):
         TrainConfig(batch_size=0).validate()
+    with pytest.raises(InputError, match="encoder: expected one of"):
+        TrainConfig(encoder="tiny").validate()
 
 
 def test_paper_defaults():
@@ -222,6 +224,29 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     train(tiny_config(epochs=1, n_modes=2), tr, tr, tmp_path)
     with pytest.raises(InputError, match="configuration differs in \\['epochs'\\]"):
         train(tiny_config(epochs=2, n_modes=2), tr, tr, tmp_path, resume=True)
+
+
+@pytest.mark.slow
+def test_light_encoder_trains_and_an_older_checkpoint_resumes_as_paper(tmp_path):
+    tr, va = sphere_set(8, 1), sphere_set(4, 2)
+    for variant in ("base", "tl"):
+        light = train(tiny_config(variant=variant, encoder="light", epochs=2), tr, va, tmp_path / variant)
+        assert light.architecture["encoder"] == "light"
+        assert build_network(json.loads(json.dumps(light.architecture))).architecture == light.architecture
+        assert all(math.isfinite(h["val_rmse_mm"]) for h in light.history)
+    # a checkpoint written before the "encoder" field existed continues as the paper's encoder
+    cfg = tiny_config(epochs=1, n_modes=2)
+    train(cfg, tr, va, tmp_path / "old")
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    saved = json.loads(ckpt["config"])
+    del saved["encoder"]
+    ckpt["config"] = json.dumps(saved)
+    torch.save(ckpt, path)
+    resumed = train(cfg, tr, va, tmp_path / "old", resume=True)
+    assert "encoder" not in resumed.architecture
+    with pytest.raises(InputError, match="configuration differs in \\['encoder'\\]"):
+        train(tiny_config(epochs=1, n_modes=2, encoder="light"), tr, va, tmp_path / "old", resume=True)
 
 
 # -- DDP -----------------------------------------------------------------------------------------

@@ -82,6 +82,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--margin", type=float, default=10.0, help="grid margin around the particles, mm")
     parser.add_argument("--conv-padding", choices=("auto", "valid", "same"), default="auto")
+    parser.add_argument(
+        "--encoder",
+        choices=("paper", "light"),
+        default="paper",
+        help="image encoder: the paper's 5x5x5 conv stack (default) or a lighter 3x3x3 strided residual "
+        "one for CPU training (same heads; always 'same' padding); see BENCHMARKS.md, time to accuracy",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of the pool")
     parser.add_argument("--n-modes", type=int, help="PCA modes (Base; default: 99%% of the variance)")
     parser.add_argument(
@@ -144,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         downsample=args.downsample,
         margin_mm=args.margin,
         conv_padding=args.conv_padding,
+        encoder=args.encoder,
         val_fraction=args.val_fraction,
         n_modes=args.n_modes,
         extra=extra,
