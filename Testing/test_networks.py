@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,6 +297,24 @@ def test_light_bundle_round_trip(tmp_path):
     b = load_bundle(path)
     assert b.meta["architecture"]["encoder"] == "light"
     assert isinstance(b.network.encoder.conv[3], ResidualBlock3d)
+    saved = torch.load(path / "weights.pt", weights_only=True)
+    for k, v in b.network.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_light_bundle_loads_from_a_zip(tmp_path):
+    """The zip loader caps ``weights.pt`` by the architecture's parameter count: a light bundle's
+    cap must come from the light encoder, not the paper's."""
+    import shutil
+
+    from helpers_predict import make_tiny_bundle
+
+    from DeepSSMLogic.bundle import load_bundle
+
+    path = make_tiny_bundle(tmp_path / "light", seed=2, encoder="light")
+    archive = Path(shutil.make_archive(str(tmp_path / "light_bundle"), "zip", path))
+    b = load_bundle(archive)
+    assert b.meta["architecture"]["encoder"] == "light"
     saved = torch.load(path / "weights.pt", weights_only=True)
     for k, v in b.network.state_dict().items():
         assert torch.equal(v, saved[k]), k
