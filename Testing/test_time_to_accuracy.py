@@ -28,6 +28,7 @@ def test_forward_flops_counts_conv_and_linear_multiply_adds():
     assert tta.forward_flops(net, (5, 5, 5)) == 2 * (4 * 125 * 27) + 2 * 500 * 7
 
 
+@pytest.mark.slow  # trains three tiny networks: ~20 s idle
 def test_quick_run_writes_a_consistent_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "tta"
     assert tta.main(["--quick", "--out", str(out)]) == 0
