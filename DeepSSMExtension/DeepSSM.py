@@ -37,6 +37,13 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from DeepSSMLogic.commands._cohort_args import (
+    DEFAULT_FRAME,
+    DEFAULT_PARTICLES,
+    FRAME_CHOICES,
+    PARTICLE_CHOICES,
+)
+
 DEVICES = ["auto", "cpu", "cuda"]
 
 
@@ -120,6 +127,13 @@ class DeepSSMParameterNode:
     epochs: Annotated[int, WithinRange(1, 100000)] = 50
     batchSize: Annotated[int, WithinRange(1, 4096)] = 4
     trainDevice: Annotated[str, Choice(DEVICES)] = "auto"
+    # training: the shared cohort options of `deepssm train` (ShapeWorks projects); the combo boxes
+    # are filled from these Choice annotations (Slicer's QComboBox connector), i.e. from the CLI
+    cohortDomain: str = ""  # "" = the first domain
+    cohortParticles: Annotated[str, Choice(list(PARTICLE_CHOICES))] = DEFAULT_PARTICLES
+    cohortFrame: Annotated[str, Choice(list(FRAME_CHOICES))] = DEFAULT_FRAME
+    cohortImageColumn: str = ""  # "" = ShapeWorks' default image column
+    cohortAllowImageOnly: bool = False
     # analysis
     groupAPath: Path
     groupBPath: Path
@@ -315,6 +329,11 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.augmentCount,
                 p.sampler,
                 p.onlineAugmentation,
+                domain=p.cohortDomain,
+                particles=p.cohortParticles,
+                frame=p.cohortFrame,
+                imageColumn=p.cohortImageColumn,
+                allowImageOnly=p.cohortAllowImageOnly,
             )
             slicer.modules.plots.logic().ShowChartInLayout(chart)
             self._started()

@@ -275,3 +275,57 @@ def test_in_slicer_self_test_body_runs_headless_on_the_controller(tmp_path):
         return ctl.DeepSSMController(scene=lambda: ctx.scene, recent_store=tmp_path / "recent.json")
 
     body.run_all(Case(), logic)
+
+
+# -- issue 10: the training panel's cohort options reach the worker -------------------------------
+def _training_argv(c, tmp_path, **cohort_options) -> list[str]:
+    """The worker argv ``startTraining`` launches (the launch itself is captured, not run)."""
+    cohort = tmp_path / "project.swproj"
+    cohort.write_text("{}", encoding="utf-8")
+    launched = []
+    c._launch = lambda task, args, device: launched.append((task, args))
+    c.startTraining(
+        str(cohort), str(tmp_path / "out"), "base", "l2", 3, 2, "cpu", 0, "kde", False, **cohort_options
+    )
+    assert [task for task, _ in launched] == ["train"]
+    return launched[0][1]
+
+
+def test_training_panel_passes_the_shared_cohort_options_to_the_worker(ctx, tmp_path):
+    from DeepSSMLib import worker
+
+    c = _controller(ctx, tmp_path)
+    argv = _training_argv(
+        c, tmp_path, domain=" femur ", particles="world", frame="world", imageColumn="image_ct"
+    )
+    joined = " ".join(argv)
+    assert "--frame world" in joined and "--domain femur" in joined and "--particles world" in joined
+    assert "--image-column image_ct" in joined and "--allow-image-only" not in argv
+    # the worker's own parser accepts exactly what the panel sends (panel and worker cannot drift)
+    args = worker.build_parser().parse_args(["train", *argv])
+    assert (args.domain, args.particles, args.frame, args.image_column) == (
+        "femur",
+        "world",
+        "world",
+        "image_ct",
+    )
+    assert args.allow_image_only is False and args.epochs == 3 and args.device == "cpu"
+
+
+def test_training_panel_defaults_add_no_cohort_options(ctx, tmp_path):
+    from DeepSSMLib import worker
+
+    from DeepSSMLogic.commands import _cohort_args as ca
+
+    argv = _training_argv(_controller(ctx, tmp_path), tmp_path)
+    assert not {"--domain", "--particles", "--frame", "--image-column", "--allow-image-only"} & set(argv)
+    args = worker.build_parser().parse_args(["train", *argv])
+    assert (args.particles, args.frame) == (ca.DEFAULT_PARTICLES, ca.DEFAULT_FRAME)
+    argv = _training_argv(_controller(ctx, tmp_path), tmp_path, allowImageOnly=True)
+    assert worker.build_parser().parse_args(["train", *argv]).allow_image_only is True
+
+
+def test_training_panel_rejects_an_unknown_frame_before_launching(ctx, tmp_path):
+    c = _controller(ctx, tmp_path)
+    with pytest.raises(ValueError, match="frame must be one of"):
+        _training_argv(c, tmp_path, frame="aligned")

@@ -138,6 +138,7 @@ def test_each_binding_has_a_type_slicers_gui_connectors_accept():
         "ctkPathLineEdit": lambda a: a == "Path",
         "QComboBox": lambda a: a.startswith("Annotated[str, Choice("),
         "QCheckBox": lambda a: a == "bool",
+        "QLineEdit": lambda a: a == "str",
         "QSpinBox": lambda a: a.startswith("Annotated[int, WithinRange("),
         "ctkSliderWidget": lambda a: a.startswith("Annotated[float, WithinRange("),
         "qMRMLNodeComboBox": lambda a: a.startswith("vtkMRML"),
@@ -221,3 +222,26 @@ def test_explorer_sliders_span_three_standard_deviations():
         w = _widget(f"mode{k}Slider")
         assert _prop(w, "minimum").findtext("double") == "-3"
         assert _prop(w, "maximum").findtext("double") == "3"
+
+
+def test_training_panel_offers_the_shared_cohort_options_with_the_cli_choices():
+    """Issue 10: the panel's cohort options are the CLI's (``commands/_cohort_args.py``): every option
+    has a bound widget, and the combo choices come from the CLI's constants (Slicer's QComboBox
+    connector fills the box from the Choice annotation), none typed in the .ui."""
+    bound = {param: name for name, (_, param) in ui_widgets().items() if param}
+    annotations = _field_annotations()
+    for param, annotation in (
+        ("cohortDomain", "str"),
+        ("cohortParticles", "Annotated[str, Choice(list(PARTICLE_CHOICES))]"),
+        ("cohortFrame", "Annotated[str, Choice(list(FRAME_CHOICES))]"),
+        ("cohortImageColumn", "str"),
+        ("cohortAllowImageOnly", "bool"),
+    ):
+        assert param in bound, f"no training-panel widget bound to {param}"
+        assert annotations.get(param) == annotation, f"{param}: {annotations.get(param)}"
+    root = ET.parse(UI).getroot()
+    for param in ("cohortParticles", "cohortFrame"):
+        widget = next(w for w in root.iter("widget") if w.get("name") == bound[param])
+        assert widget.findall("item") == [], f"{bound[param]} repeats the CLI's choices in the .ui"
+    source = MODULE.read_text(encoding="utf-8")
+    assert "from DeepSSMLogic.commands._cohort_args import" in source

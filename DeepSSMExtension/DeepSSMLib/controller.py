@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from DeepSSMLogic.commands._cohort_args import DEFAULT_FRAME, DEFAULT_PARTICLES, cohort_option_argv
 from DeepSSMLogic.errors import InputError
 
 from . import analysis as dsa
@@ -212,18 +213,36 @@ class DeepSSMController:
         augmentCount: int,
         sampler: str,
         online: bool,
+        *,
+        domain: str = "",
+        particles: str = DEFAULT_PARTICLES,
+        frame: str = DEFAULT_FRAME,
+        imageColumn: str = "",
+        allowImageOnly: bool = False,
     ) -> Any:
-        """Launch training in the background; returns the live loss chart node."""
+        """Launch training in the background; returns the live loss chart node.
+
+        ``domain`` ... ``allowImageOnly`` are the shared cohort options of ``deepssm train``
+        (``DeepSSMLogic.commands._cohort_args``); only values other than the defaults are passed on.
+        """
         if not cohort or not os.path.exists(cohort):
             raise ValueError(f"Select an existing cohort file: {cohort}")
         if not outputBundle:
             raise ValueError("Choose where to write the trained bundle.")
+        cohortOptions = cohort_option_argv(  # validated before anything is installed
+            domain=domain.strip(),
+            particles=particles,
+            frame=frame,
+            image_column=imageColumn.strip(),
+            allow_image_only=allowImageOnly,
+        )
         self.ensureRequirements()
         args = ["--cohort", cohort, "--out", outputBundle, "--variant", variant, "--loss", loss]
         args += ["--epochs", str(epochs), "--batch-size", str(batchSize), "--device", device]
         args += ["--augment-count", str(augmentCount), "--sampler", sampler]
         if online:
             args.append("--online")
+        args += cohortOptions
         self.trainingChart = mrml.plot_chart(
             self.scene,
             "DeepSSM training",

@@ -11,6 +11,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 COHORT_OPTION_DESTS = ("domain", "particles", "frame", "image_column", "allow_image_only")
+# choices and defaults, shared with the Slicer panel (DeepSSM.py, DeepSSMLib.controller)
+PARTICLE_CHOICES = ("local", "world")
+DEFAULT_PARTICLES = "local"
+FRAME_CHOICES = ("auto", "local", "world")
+DEFAULT_FRAME = "auto"
 
 
 def add_cohort_options(parser: argparse.ArgumentParser, *, image_only_help: str | None = None) -> None:
@@ -19,14 +24,14 @@ def add_cohort_options(parser: argparse.ArgumentParser, *, image_only_help: str 
     group.add_argument("--domain", help="projects with several domains (anatomies): the one to model")
     group.add_argument(
         "--particles",
-        choices=("local", "world"),
-        default="local",
+        choices=PARTICLE_CHOICES,
+        default=DEFAULT_PARTICLES,
         help="which particle files to read (default local; the --frame decides the training frame)",
     )
     group.add_argument(
         "--frame",
-        choices=("auto", "local", "world"),
-        default="auto",
+        choices=FRAME_CHOICES,
+        default=DEFAULT_FRAME,
         help=(
             "frame to train/evaluate in: world = ShapeWorks' aligned frame (procrustes @ alignment @ "
             "local, images resampled with the same transform), local = each image's own space; auto "
@@ -46,13 +51,42 @@ def add_cohort_options(parser: argparse.ArgumentParser, *, image_only_help: str 
     )
 
 
+def cohort_option_argv(
+    *,
+    domain: str = "",
+    particles: str = DEFAULT_PARTICLES,
+    frame: str = DEFAULT_FRAME,
+    image_column: str = "",
+    allow_image_only: bool = False,
+) -> list[str]:
+    """The command-line words for the shared options (the inverse of :func:`add_cohort_options`),
+    only those that differ from the defaults; "" for ``domain``/``image_column`` means the default
+    (first domain / ShapeWorks' image column)."""
+    if particles not in PARTICLE_CHOICES:
+        raise ValueError(f"particles must be one of {PARTICLE_CHOICES}, got {particles!r}")
+    if frame not in FRAME_CHOICES:
+        raise ValueError(f"frame must be one of {FRAME_CHOICES}, got {frame!r}")
+    argv: list[str] = []
+    if domain:
+        argv += ["--domain", domain]
+    if particles != DEFAULT_PARTICLES:
+        argv += ["--particles", particles]
+    if frame != DEFAULT_FRAME:
+        argv += ["--frame", frame]
+    if image_column:
+        argv += ["--image-column", image_column]
+    if allow_image_only:
+        argv.append("--allow-image-only")
+    return argv
+
+
 def cohort_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``cohort.load_cohort`` from the shared options."""
     return {
-        "particles": getattr(args, "particles", "local"),
+        "particles": getattr(args, "particles", DEFAULT_PARTICLES),
         "domain": getattr(args, "domain", None),
         "image_column": getattr(args, "image_column", None),
-        "frame": getattr(args, "frame", "auto"),
+        "frame": getattr(args, "frame", DEFAULT_FRAME),
         "require_particles": not getattr(args, "allow_image_only", False),
     }
 
