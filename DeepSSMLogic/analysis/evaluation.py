@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InputError, ValidationError
 from ..fileutil import atomic_write_json, atomic_write_text
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
-from . import metrics
+from . import calibration, metrics
 
 PathLike = str | os.PathLike[str]
 CSV_COLUMNS = (
@@ -39,7 +39,14 @@ CSV_COLUMNS = (
     "surface_hausdorff_mm",
     "predict_seconds",
     "mesh_seconds",
+    "uncertainty_mean_mm",
+    "uncertainty_max_mm",
+    "uncertainty_spearman",
+    "ood_score",
+    "ood_flag",
+    "ood_reasons",
 )
+UNCERTAINTY_ARRAY = "uncertainty_mm"  # the point array `deepssm predict --mesh` writes, same name
 
 
 @dataclass
@@ -53,6 +60,44 @@ class SubjectResult:
     gt_mesh: tuple[np.ndarray, np.ndarray] | None = None
     gt_to_pred: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None
+    ood: dict[str, Any] | None = None
+
+
+def prediction_uncertainty(
+    prediction: Any, subject: str, n_particles: int
+) -> tuple[np.ndarray | None, str | None, dict[str, Any] | None]:
+    """The per-particle uncertainty ``(M,)`` mm, its method and the OOD verdict that a
+    ``predict.Prediction`` carries (all None for bundles without them). Read with defaults, so
+    predictions of older code work; a malformed uncertainty raises InputError naming the subject."""
+    unc = getattr(prediction, "uncertainty", None)
+    method = getattr(prediction, "uncertainty_method", None)
+    ood = getattr(prediction, "ood", None)
+    if unc is not None:
+        unc = np.asarray(unc, dtype=np.float64)
+        if unc.shape != (n_particles,):
+            raise InputError(
+                f"subject {subject!r}: the prediction's uncertainty has shape {unc.shape}, "
+                f"expected ({n_particles},) (one value in mm per particle)"
+            )
+        if not np.all(np.isfinite(unc)):
+            raise InputError(
+                f"subject {subject!r}: the predicted uncertainty contains NaN or Inf "
+                f"({int((~np.isfinite(unc)).sum())} of {n_particles} particles)"
+            )
+    if ood is not None and not isinstance(ood, dict):
+        raise InputError(f"subject {subject!r}: the OOD verdict is a {type(ood).__name__}, expected a dict")
+    return unc, (str(method) if method is not None else None), ood
+
+
+def _ood_row(ood: dict[str, Any] | None) -> dict[str, Any]:
+    if ood is None:
+        return {}
+    return {
+        "ood_score": _finite_or_none(ood.get("score")),
+        "ood_flag": bool(ood.get("flag")),
+        "ood_reasons": "; ".join(str(r) for r in (ood.get("reasons") or [])),
+    }
 
 
 def read_training_history(bundle: Any, train_log: PathLike | None = None) -> tuple[list[dict[str, Any]], str]:
@@ -95,14 +140,45 @@ def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow(
-            {k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()}
-        )
+        w.writerow({k: _csv_cell(v) for k, v in r.items()})
     return buf.getvalue()
 
 
-def _finite_or_none(v: float) -> float | None:
-    return float(v) if v is not None and np.isfinite(v) else None
+def _csv_cell(v: Any) -> Any:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def _finite_or_none(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def _write_uncertainty(out: Path, subject: str, uncertainty: np.ndarray) -> None:
+    """``predictions/<id>.uncertainty.csv``: the predicted uncertainty per particle (mm), in the
+    order of ``<id>.particles``."""
+    atomic_write_text(
+        out / "predictions" / f"{subject}.uncertainty.csv",
+        "uncertainty_mm\n" + "".join(f"{v:.6g}\n" for v in uncertainty),
+    )
+
+
+def _add_point_array(mesh: Any, particles: np.ndarray, values: np.ndarray, name: str) -> None:
+    """Per-particle ``values`` interpolated onto the mesh vertices as point array ``name``."""
+    from vtk.util import numpy_support as ns
+
+    from ..mesh import interpolate_to_vertices
+
+    verts = ns.vtk_to_numpy(mesh.GetPoints().GetData()).astype(np.float64)
+    arr = ns.numpy_to_vtk(interpolate_to_vertices(particles, values, verts), deep=True)
+    arr.SetName(name)
+    mesh.GetPointData().AddArray(arr)
 
 
 def evaluate_model(
@@ -157,11 +233,19 @@ def evaluate_model(
     else:
         t_warper = 0.0
 
+    ood_image_only: dict[str, dict[str, Any] | None] = {}
     for subj in image_only:
         pred = predictor.predict(subj.image, name=subj.id)
+        unc, _method, ood_image_only[subj.id] = prediction_uncertainty(pred, subj.id, pred.particles.shape[0])
         io.write_particles(out / "predictions" / f"{subj.id}.particles", pred.particles)
+        if unc is not None:
+            _write_uncertainty(out, subj.id, unc)
         if warper is not None:
-            io.write_mesh(warper.polydata(pred.particles), out / "predictions" / f"{subj.id}.vtk")
+            mesh = warper.polydata(pred.particles)
+            if unc is not None:
+                _add_point_array(mesh, pred.particles, unc, UNCERTAINTY_ARRAY)
+            io.write_mesh(mesh, out / "predictions" / f"{subj.id}.vtk")
+    methods: set[str | None] = set()
     n = len(subjects)
     results: list[SubjectResult] = []
     t_pred_total = 0.0
@@ -189,6 +273,11 @@ def evaluate_model(
             "max_point_rmse_mm": float(metrics.per_point_rmse(pred.particles, gt).max()),
             "predict_seconds": t_pred,
         }
+        unc, method, ood = prediction_uncertainty(pred, subj.id, gt.shape[0])
+        if unc is not None:
+            methods.add(method)
+            row.update(uncertainty_mean_mm=float(unc.mean()), uncertainty_max_mm=float(unc.max()))
+        row.update(_ood_row(ood))
         res = SubjectResult(
             subj.id,
             subj.group,
@@ -197,12 +286,18 @@ def evaluate_model(
             np.asarray(pred.descriptor),
             row,
             timings=dict(pred.timings),
+            uncertainty=unc,
+            ood=ood,
         )
         io.write_particles(out / "predictions" / f"{subj.id}.particles", pred.particles)
+        if unc is not None:
+            _write_uncertainty(out, subj.id, unc)
         if warper is not None:
             t0 = time.perf_counter()
             recon = warper.polydata(pred.particles)
             row["mesh_seconds"] = time.perf_counter() - t0
+            if unc is not None:
+                _add_point_array(recon, pred.particles, unc, UNCERTAINTY_ARRAY)
             io.write_mesh(recon, out / "predictions" / f"{subj.id}.vtk")
             if subj.mesh is not None:
                 gt_mesh = io.arrays_from_polydata(io.read_mesh(subj.mesh))
@@ -263,6 +358,10 @@ def evaluate_model(
         else None,
         "total": 0.0,
     }
+    summary["calibration"] = _calibration_section(results, methods)
+    summary["ood"] = calibration.ood_summary({r.id: r.ood for r in results})
+    if summary["ood"]["available"] and ood_image_only:
+        summary["ood"]["predicted_without_ground_truth"] = calibration.ood_summary(ood_image_only)
     history, history_source = read_training_history(bundle, train_log)
     summary["training_history"] = {"source": history_source, "epochs": len(history)}
 
@@ -293,6 +392,29 @@ def evaluate_model(
     summary["subjects"] = [{k: _json_value(v) for k, v in r.items()} for r in rows]
     atomic_write_json(out / "metrics.json", summary)
     return summary
+
+
+def _calibration_section(results: list[SubjectResult], methods: set[str | None]) -> dict[str, Any]:
+    """metrics.json "calibration": predicted vs actual per-particle error over the subjects that
+    carry an uncertainty; also fills each row's ``uncertainty_spearman``."""
+    with_unc = [r for r in results if r.uncertainty is not None]
+    if not with_unc:
+        return calibration.no_uncertainty(
+            "the model bundle predicts none (train with an uncertainty method to get it)"
+        )
+    if len(with_unc) != len(results):
+        missing = [r.id for r in results if r.uncertainty is None]
+        raise InputError(f"predictions of subjects {missing} carry no uncertainty, the others do")
+    section = calibration.calibration_summary(
+        [r.id for r in results],
+        [r.uncertainty for r in results],
+        [np.linalg.norm(r.pred - r.gt, axis=1) for r in results],
+        [r.row["rmse_mm"] for r in results],
+        method=", ".join(sorted(m or "unnamed" for m in methods)),
+    )
+    for r in results:
+        r.row["uncertainty_spearman"] = section["particle_spearman_per_subject"]["values"][r.id]
+    return section
 
 
 def _json_value(v: Any) -> Any:
@@ -441,6 +563,9 @@ def _write_report(
         ]
     )
 
+    _report_calibration(rep, fig_dir, results, summary["calibration"])
+    _report_ood(rep, summary["ood"])
+
     rep.heading("Timings")
     rep.key_values({k: v for k, v in summary["timings_s"].items() if v is not None and k != "total"})
     rep.heading("Subjects")
@@ -459,6 +584,12 @@ def _write_report(
                     "surface_mean_mm",
                     "surface_p95_mm",
                     "surface_hausdorff_mm",
+                    *(
+                        ("uncertainty_mean_mm", "uncertainty_spearman")
+                        if summary["calibration"]["available"]
+                        else ()
+                    ),
+                    *(("ood_score", "ood_flag") if summary["ood"]["available"] else ()),
                     "predict_seconds",
                 )
             }
@@ -466,3 +597,96 @@ def _write_report(
         ]
     )
     return rep.write()
+
+
+def _rho_text(result: dict[str, Any]) -> str:
+    if result["rho"] is None:
+        return f"– ({result['reason']})"
+    return f"{result['rho']:.3f} (n = {result['n']})"
+
+
+def _report_calibration(rep: Any, fig_dir: Path, results: list[SubjectResult], cal: dict[str, Any]) -> None:
+    """ "Uncertainty calibration": Spearman ρ pooled / per subject / per-subject mean vs RMSE, the
+    reliability plot and the per-subject scatter."""
+    from . import plots
+
+    rep.heading("Uncertainty calibration")
+    if not cal["available"]:
+        rep.paragraph(f"{cal['reason'].capitalize()}.", note=True)
+        return
+    per = cal["particle_spearman_per_subject"]
+    rep.paragraph(
+        f"Predicted per-particle uncertainty (method: {cal['method']}) against the actual error, the "
+        f"{cal['error_definition']}. Spearman ρ near 1: the uncertainty ranks particles and subjects "
+        "by their actual error; near 0: it does not."
+    )
+    rep.key_values(
+        {
+            "ρ per particle, pooled over subjects": _rho_text(cal["particle_spearman_pooled"]),
+            "ρ per particle within a subject, median": "–"
+            if per["median"] is None
+            else f"{per['median']:.3f} ({per['n_defined']} of {cal['n_subjects']} subjects defined)",
+            "ρ per subject: mean uncertainty vs RMSE": _rho_text(
+                cal["subject_spearman_mean_uncertainty_vs_rmse"]
+            ),
+            "mean predicted uncertainty (mm)": cal["mean_uncertainty_mm"],
+            "mean actual error (mm)": cal["mean_error_mm"],
+        }
+    )
+    rep.figure(
+        plots.reliability_plot(cal["reliability"]["bins"], fig_dir / "uncertainty_reliability.png"),
+        f"Reliability: {cal['reliability']['binning']}; mean actual error per bin against the bin's mean "
+        "predicted uncertainty (numbers: particles per bin). Above the dashed identity line the model is "
+        "over-confident, below it under-confident.",
+    )
+    rep.figure(
+        plots.scatter_plot(
+            np.array([cal["per_subject_mean_uncertainty_mm"][r.id] for r in results]),
+            np.array([r.row["rmse_mm"] for r in results]),
+            fig_dir / "uncertainty_vs_rmse.png",
+            "mean predicted uncertainty (mm)",
+            "RMSE (mm)",
+            "Per subject: uncertainty vs error",
+        ),
+        "One point per subject.",
+    )
+    if per["reasons"]:
+        rep.paragraph(
+            "Undefined per-subject ρ: " + "; ".join(f"{k}: {v}" for k, v in per["reasons"].items()),
+            note=True,
+        )
+
+
+def _report_ood(rep: Any, ood: dict[str, Any]) -> None:
+    """ "Out-of-distribution check": flag rate and the flagged images with their reasons."""
+    rep.heading("Out-of-distribution check")
+    if not ood["available"]:
+        rep.paragraph(f"{ood['reason'].capitalize()}.", note=True)
+        return
+    rep.key_values(
+        {
+            "images checked": ood["n_checked"],
+            "flagged out of distribution": f"{ood['n_flagged']} ({100 * ood['flag_rate']:.1f} %)",
+            "threshold (score)": ood["threshold"],
+        }
+    )
+    if ood["flagged"]:
+        rep.table(
+            [
+                {
+                    "id": f["id"],
+                    "score": f["score"],
+                    "threshold": f["threshold"],
+                    "reasons": "; ".join(f["reasons"]),
+                }
+                for f in ood["flagged"]
+            ]
+        )
+    else:
+        rep.paragraph("No evaluated image was flagged.", note=True)
+    extra = ood.get("predicted_without_ground_truth")
+    if extra and extra.get("available"):
+        rep.paragraph(
+            f"Images without ground truth: {extra['n_flagged']} of {extra['n_checked']} flagged"
+            + (": " + ", ".join(f["id"] for f in extra["flagged"]) if extra["flagged"] else "."),
+        )

@@ -150,3 +150,29 @@ def bar_plot(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return _save(fig, out)
+
+
+def reliability_plot(
+    bins: Sequence[Mapping[str, Any]], out: PathLike, title: str = "Uncertainty calibration"
+) -> Path:
+    """Mean actual error per bin of predicted uncertainty against the bin's mean predicted
+    uncertainty (``calibration.reliability_bins``), with the identity line: points on it are
+    calibrated, above it over-confident, below it under-confident. Marker labels: particles per bin."""
+    if not bins:
+        raise InputError("reliability_plot: no bins to plot")
+    x = np.array([b["mean_predicted_mm"] for b in bins], dtype=np.float64)
+    y = np.array([b["mean_actual_mm"] for b in bins], dtype=np.float64)
+    fig, ax = _figure(5.0, 4.5)
+    top = float(max(x.max(), y.max(), 1e-6)) * 1.08
+    ax.plot([0.0, top], [0.0, top], ls="--", color="grey", lw=1, label="identity (calibrated)")
+    ax.plot(x, y, marker="o", color="tab:red", label="mean actual error per bin")
+    for xi, yi, b in zip(x, y, bins, strict=True):
+        ax.annotate(str(b["count"]), (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlim(0.0, top)
+    ax.set_ylim(0.0, top)
+    ax.set_xlabel("predicted uncertainty (mm, bin mean)")
+    ax.set_ylabel("actual error (mm, bin mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, out)

@@ -86,7 +86,40 @@ def run(args: argparse.Namespace) -> int:
     if "surface_mean_mm" in summary:
         line += f", surface distance {summary['surface_mean_mm']['mean']:.3f} mm"
     print(line)
+    for extra in uncertainty_lines(summary):
+        print(extra)
     print(
         f"results: {args.out}/metrics.json" + ("" if args.no_figures else f", report: {args.out}/report.html")
     )
     return 0
+
+
+def _rho(result: dict[str, Any]) -> str:
+    return "undefined" if result["rho"] is None else f"{result['rho']:.3f}"
+
+
+def uncertainty_lines(summary: dict[str, Any]) -> list[str]:
+    """The console lines for the calibration and OOD sections of ``summary`` (none without them)."""
+    lines = []
+    cal = summary.get("calibration") or {}
+    if cal.get("available"):
+        lines.append(
+            f"uncertainty ({cal['method']}): Spearman ρ predicted vs actual per-particle error "
+            f"{_rho(cal['particle_spearman_pooled'])} pooled, median per subject "
+            + (
+                "undefined"
+                if cal["particle_spearman_per_subject"]["median"] is None
+                else f"{cal['particle_spearman_per_subject']['median']:.3f}"
+            )
+            + f"; per-subject mean uncertainty vs RMSE {_rho(cal['subject_spearman_mean_uncertainty_vs_rmse'])}"
+        )
+    elif cal:
+        lines.append(cal.get("reason", "no uncertainty"))
+    ood = summary.get("ood") or {}
+    if ood.get("available"):
+        flagged = ", ".join(f["id"] for f in ood["flagged"])
+        lines.append(
+            f"out of distribution: {ood['n_flagged']} of {ood['n_checked']} image(s) flagged"
+            + (f" ({flagged})" if flagged else "")
+        )
+    return lines
