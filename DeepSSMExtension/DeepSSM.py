@@ -45,6 +45,7 @@ from DeepSSMLogic.commands._cohort_args import (
 )
 
 DEVICES = ["auto", "cpu", "cuda"]
+WARNING_STYLE = "color: #b35900; font-weight: bold;"  # an out-of-distribution verdict
 
 
 def _path(value) -> str:
@@ -116,6 +117,7 @@ class DeepSSMParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     alreadyAligned: bool = False
     groundTruth: vtkMRMLMarkupsFiducialNode
+    colourBy: Annotated[str, Choice(list(mrml.HEATMAP_CHOICES))] = "auto"
     # training
     cohortPath: Path
     outputBundlePath: Path
@@ -178,6 +180,7 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.loadDemoButton.connect("clicked(bool)", self.onLoadDemo)
         self.ui.recentBundlesComboBox.connect("activated(int)", self.onRecentBundle)
+        self.ui.colourByComboBox.connect("currentTextChanged(QString)", self.onColourBy)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.stopButton.connect("clicked(bool)", self.onStopButton)
         self.ui.groupDifferenceButton.connect("clicked(bool)", self.onGroupDifference)
@@ -297,10 +300,30 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the DeepSSM prediction."), waitCursor=True):
             # set before starting: a process that fails to start reports to onFinished at once
             self._bar, self._label = self.ui.inferenceProgressBar, self.ui.inferenceStatusLabel
+            self.showVerdict(None)
+            self.logic.colourBy = p.colourBy
             self.logic.startPrediction(
                 p.inputVolume, _path(p.bundlePath), p.device, p.alreadyAligned, groundTruth=p.groundTruth
             )
             self._started()
+
+    def onColourBy(self, choice: str) -> None:
+        """Recolour the last prediction (surface and particles) by the chosen heatmap."""
+        if choice not in mrml.HEATMAP_CHOICES:  # "" while the connector refills the combo box
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to change the heatmap."), waitCursor=True):
+            shown = self.logic.setColourBy(choice)
+            if choice == "uncertainty" and shown != "uncertainty_mm" and self.logic.lastPrediction:
+                self.ui.inferenceStatusLabel.text = _(
+                    "No uncertainty: the model bundle does not predict one."
+                )
+
+    def showVerdict(self, verdict) -> None:
+        """The OOD verdict and uncertainty summary under the status line; a warning style when the
+        image was flagged out of distribution."""
+        label = self.ui.predictionVerdictLabel
+        label.text = verdict.text if verdict is not None else ""
+        label.setStyleSheet(WARNING_STYLE if verdict is not None and verdict.warning else "")
 
     def onLoadDemo(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to load the demo data."), waitCursor=True):
@@ -385,6 +408,8 @@ class DeepSSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ):
                     self.logic.finish(outcome)
                     label.text = _("Done in {0:.1f} s").format(outcome.elapsed_s)
+                    if (outcome.result or {}).get("kind") == "prediction":
+                        self.showVerdict(self.logic.lastVerdict)
                     if self.logic.lastTrainedBundle:
                         self._parameterNode.bundlePath = Path(self.logic.lastTrainedBundle)
                     self.refreshRecentBundles()

@@ -112,9 +112,23 @@ def fibonacci_particles(n=256, radii=(16.0, 12.0, 10.0)):
     return unit * np.asarray(radii)
 
 
-def write_fake_result(out_dir: Path, n_particles: int = 256) -> dict:
+def step_uncertainty(particles_lps: np.ndarray, low: float = 0.2, high: float = 2.0) -> np.ndarray:
+    """A per-particle uncertainty (mm) that is ``low`` on the patient's right (LPS x < 0) and
+    ``high`` on the left: the two halves of a heatmap must show different colours."""
+    return np.where(np.asarray(particles_lps)[:, 0] < 0.0, low, high)
+
+
+def write_fake_result(
+    out_dir: Path,
+    n_particles: int = 256,
+    uncertainty: Any = None,
+    ood: dict | None = None,
+    with_error: bool = True,
+) -> dict:
     """A worker-style prediction result (files + ``result`` dict), as ``worker.run_predict``
-    writes it: particles perturbed from the ground truth, a surface with an error heatmap."""
+    writes it: particles perturbed from the ground truth, a surface with an error heatmap
+    (``with_error``). ``uncertainty`` (a function of the predicted particles, LPS -> ``(M,)`` mm)
+    and ``ood`` add what a bundle trained with uncertainty gives (issue 13)."""
     from vtk.util import numpy_support as ns
 
     from DeepSSMLogic import io
@@ -128,9 +142,15 @@ def write_fake_result(out_dir: Path, n_particles: int = 256) -> dict:
     err = np.linalg.norm(pred - gt, axis=1)
     surface = ellipsoid_surface()
     verts = ns.vtk_to_numpy(surface.GetPoints().GetData()).astype(np.float64)
-    arr = ns.numpy_to_vtk(interpolate_to_vertices(pred, err, verts), deep=True)
-    arr.SetName("error_mm")
-    surface.GetPointData().AddArray(arr)
+    point_arrays = {"error_mm": err} if with_error else {}
+    unc = None
+    if uncertainty is not None:
+        unc = np.asarray(uncertainty(pred), dtype=np.float64)
+        point_arrays["uncertainty_mm"] = unc
+    for name, values in point_arrays.items():
+        arr = ns.numpy_to_vtk(interpolate_to_vertices(pred, values, verts), deep=True)
+        arr.SetName(name)
+        surface.GetPointData().AddArray(arr)
     io.write_particles(out_dir / "particles.csv", pred)
     io.write_particles(out_dir / "ground_truth.particles", gt)
     io.write_mesh(surface, out_dir / "surface.vtk")
@@ -142,7 +162,11 @@ def write_fake_result(out_dir: Path, n_particles: int = 256) -> dict:
         "descriptor": [3.5, -1.25, 0.5],
         "descriptor_kind": "pca",
         "severity": 2.75,
-        "point_arrays": {"error_mm": err.tolist()},
+        "point_arrays": {k: v.tolist() for k, v in point_arrays.items()},
+        "uncertainty": None
+        if unc is None
+        else {"mean_mm": float(unc.mean()), "max_mm": float(unc.max()), "method": "ensemble"},
+        "ood": ood,
     }
 
 
@@ -150,15 +174,16 @@ class ResultProcess:
     """A worker stand-in: reads ``--out`` from the command line, writes a synthetic prediction
     there (as ``worker.run_predict`` would) and reports it as the result line."""
 
-    def __init__(self) -> None:
+    def __init__(self, **result_options: Any) -> None:
         self.lines: list[str] = []
         self.done = False
         self.args: list[str] = []
+        self.result_options = result_options  # passed to write_fake_result
 
     def start(self, args, env, cwd):
         self.args = list(args)
         out = Path(args[args.index("--out") + 1])
-        result = write_fake_result(out)
+        result = write_fake_result(out, **self.result_options)
         import json
 
         self.lines = [json.dumps({"type": "result", **result})]

@@ -125,6 +125,70 @@ def test_predict_without_normal_particles_has_no_severity(bundle_with_template, 
     assert Path(result["mesh"]).is_file()
 
 
+def _predict_with(monkeypatch, uncertainty=None, ood=None, method="ensemble"):
+    """Predictions carry what an uncertainty bundle's do (issue 13 contract): ``uncertainty``
+    ``(M,)`` mm (a function of the particle index), ``uncertainty_method``, ``ood``."""
+    from DeepSSMLogic.predict import Predictor
+
+    original = Predictor.predict
+
+    def predict(self, *args, **kwargs):
+        pred = original(self, *args, **kwargs)
+        pred.uncertainty = None if uncertainty is None else uncertainty(len(pred.particles))
+        pred.uncertainty_method = method if uncertainty is not None else None
+        pred.ood = ood
+        return pred
+
+    monkeypatch.setattr(Predictor, "predict", predict)
+
+
+def test_predict_passes_uncertainty_and_ood_into_the_result(bundle_with_template, tmp_path, monkeypatch):
+    ood = {
+        "score": 7.25,
+        "threshold": 3.0,
+        "flag": True,
+        "reasons": ["descriptor far from the training shapes"],
+        "components": {"mahalanobis": np.float64(7.25), "registration": float("nan")},
+    }
+    _predict_with(monkeypatch, lambda m: 0.1 + np.arange(m) / m, ood)
+    code, msgs = _run(_predict_args(bundle_with_template, tmp_path))
+    assert code == 0, msgs[-1]
+    result = msgs[-1]
+    m = len(io.read_particles(result["particles"]))
+    expected = 0.1 + np.arange(m) / m
+    np.testing.assert_allclose(result["point_arrays"][worker.UNCERTAINTY_ARRAY], expected)
+    assert result["uncertainty"] == {
+        "mean_mm": pytest.approx(expected.mean()),
+        "max_mm": pytest.approx(expected.max()),
+        "method": "ensemble",
+    }
+    assert result["stats"]["uncertainty_mean_mm"] == pytest.approx(expected.mean())
+    # the OOD verdict arrives whole, NaN components as null (the protocol is strict JSON)
+    assert result["ood"]["flag"] is True and result["ood"]["score"] == 7.25
+    assert result["ood"]["components"] == {"mahalanobis": 7.25, "registration": None}
+    assert any("out of distribution" in m.get("message", "") for m in msgs if m["type"] == "log")
+    # the surface carries the uncertainty too; its vertices are the particles
+    _, unc_v = _mesh_array(Path(result["mesh"]), worker.UNCERTAINTY_ARRAY)
+    np.testing.assert_allclose(unc_v, expected, rtol=1e-5)
+
+
+def test_predict_without_uncertainty_reports_none(bundle_with_template, tmp_path, monkeypatch):
+    _predict_with(monkeypatch)  # an older bundle: no uncertainty, no OOD calibration
+    code, msgs = _run(_predict_args(bundle_with_template, tmp_path))
+    assert code == 0, msgs[-1]
+    result = msgs[-1]
+    assert result["uncertainty"] is None and result["ood"] is None
+    assert worker.UNCERTAINTY_ARRAY not in result["point_arrays"]
+
+
+def test_nan_uncertainty_is_a_named_error(bundle_with_template, tmp_path, monkeypatch):
+    _predict_with(monkeypatch, lambda m: np.where(np.arange(m) == 2, np.nan, 1.0))
+    code, msgs = _run(_predict_args(bundle_with_template, tmp_path))
+    assert code == 2
+    assert msgs[-1]["type"] == "error" and "img.nrrd" in msgs[-1]["message"]
+    assert "uncertainty contains NaN" in msgs[-1]["message"]
+
+
 @pytest.mark.slow
 def test_train_path_writes_a_bundle_with_the_trained_weights(tmp_path):
     import torch

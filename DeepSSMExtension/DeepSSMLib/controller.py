@@ -21,7 +21,8 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,49 @@ def resolve_bundle_path(path: str | os.PathLike[str]) -> str:
     if not p.exists():
         raise InputError(f"model bundle not found: {p} (pick a bundle folder, its model.json, or a .zip)")
     return str(p)
+
+
+@dataclass
+class Verdict:
+    """What the status area says about a prediction's trustworthiness: ``uncertainty`` and ``ood``
+    lines, and ``warning`` when the image was flagged out of distribution (shown in a warning
+    style)."""
+
+    uncertainty: str
+    ood: str
+    warning: bool
+
+    @property
+    def text(self) -> str:
+        return f"{self.ood}\n{self.uncertainty}"
+
+
+def _number(v: Any) -> str:
+    return "–" if v is None else f"{float(v):.3g}"
+
+
+def prediction_verdict(result: Mapping[str, Any]) -> Verdict:
+    """The OOD verdict and uncertainty summary of a worker result (``"uncertainty"``/``"ood"`` as
+    the worker writes them; results of bundles without them, or of older workers, say so)."""
+    unc = result.get("uncertainty")
+    if unc:
+        method = f" ({unc['method']})" if unc.get("method") else ""
+        unc_text = (
+            f"Uncertainty{method}: mean {_number(unc.get('mean_mm'))} mm, "
+            f"max {_number(unc.get('max_mm'))} mm per particle"
+        )
+    else:
+        unc_text = "No uncertainty: the model bundle does not predict one."
+    ood = result.get("ood")
+    if not ood:
+        return Verdict(unc_text, "No out-of-distribution check: the model bundle has none.", False)
+    score = f"score {_number(ood.get('score'))} / threshold {_number(ood.get('threshold'))}"
+    if ood.get("flag"):
+        reasons = "; ".join(str(r) for r in ood.get("reasons") or []) or score
+        return Verdict(
+            unc_text, f"Out of distribution: {reasons} ({score}). Do not trust this prediction.", True
+        )
+    return Verdict(unc_text, f"Within the training distribution ({score}).", False)
 
 
 class PredictionRegistry:
@@ -123,6 +167,9 @@ class DeepSSMController:
         self.swimPath: dsa.SwimPath | None = None
         self.swimNode: Any = None
         self.lastPrediction: dict[str, Any] | None = None
+        self.lastVerdict: Verdict | None = None
+        self.colourBy = "auto"  # the heatmap shown on a prediction (mrml.HEATMAP_CHOICES)
+        self.shownHeatmap: str | None = None
         self._volume: Any = None
         self._bundle: str | None = None
         self.explorer: Any = None  # explorer.ShapeModelExplorer of the shown bundle
@@ -269,10 +316,12 @@ class DeepSSMController:
             if mrml.in_scene(self._volume, scene) is None:
                 raise InputError("the input volume was removed from the scene before the prediction finished")
             nodes = mrml.show_prediction(
-                scene, self._volume, result, self.predictions.get(scene, self._volume)
+                scene, self._volume, result, self.predictions.get(scene, self._volume), self.colourBy
             )
             self.predictions.put(self._volume, nodes)
             self.lastPrediction = dict(result)
+            self.lastVerdict = prediction_verdict(result)
+            self.shownHeatmap = next(iter(nodes.legends or {}), None)
             self.recentBundles.add(self._bundle)
             self._markSubjectOnExplorer()
             return nodes
@@ -281,6 +330,20 @@ class DeepSSMController:
             self.recentBundles.add(result["bundle"])
             return result["bundle"]
         raise RuntimeError(f"unexpected result from the DeepSSM worker: {sorted(result)}")
+
+    def setColourBy(self, choice: str) -> str | None:
+        """Colour the last prediction (surface and point cloud) by ``choice`` (a key of
+        ``mrml.HEATMAP_CHOICES``) and remember it for the next ones; returns the array shown
+        (None: nothing to colour by, e.g. "uncertainty" from a bundle without it and no other)."""
+        if choice not in mrml.HEATMAP_CHOICES:
+            raise ValueError(f"Colour by must be one of {', '.join(mrml.HEATMAP_CHOICES)}; found {choice!r}")
+        self.colourBy = choice
+        nodes = self.predictions.get(self.scene, self._volume) if self._volume is not None else None
+        if nodes is None:
+            return None
+        self.shownHeatmap = mrml.apply_heatmap(nodes, choice)
+        self.predictions.put(self._volume, nodes)
+        return self.shownHeatmap
 
     def cleanupTask(self) -> None:
         if self.workDir:

@@ -463,7 +463,8 @@ def show_surface_over_slices(model_node: Any, opacity: float = 0.7) -> None:
     display.SetSliceIntersectionThickness(2)
 
 
-# Perceptually uniform viridis (sequential: errors, magnitudes) and a blue-white-red diverging map
+# Perceptually uniform viridis (sequential: errors, magnitudes), magma (predicted uncertainty) and a
+# blue-white-red diverging map
 # (signed values: inward < 0 < outward). slicer-core ships no colour files, so the control points
 # live here; inside Slicer the same procedural nodes are used for identical pictures.
 _COLORMAPS: dict[str, list[tuple[float, float, float, float]]] = {
@@ -477,6 +478,17 @@ _COLORMAPS: dict[str, list[tuple[float, float, float, float]]] = {
         (0.750, 0.135, 0.659, 0.518),
         (0.875, 0.478, 0.821, 0.318),
         (1.000, 0.993, 0.906, 0.144),
+    ],
+    "magma": [  # predicted uncertainty: a different map from the error's, same conventions
+        (0.000, 0.001, 0.000, 0.014),
+        (0.125, 0.113, 0.065, 0.277),
+        (0.250, 0.317, 0.072, 0.485),
+        (0.375, 0.513, 0.148, 0.508),
+        (0.500, 0.716, 0.215, 0.475),
+        (0.625, 0.904, 0.320, 0.388),
+        (0.750, 0.987, 0.536, 0.382),
+        (0.875, 0.997, 0.770, 0.535),
+        (1.000, 0.987, 0.991, 0.750),
     ],
     "coolwarm": [
         (0.00, 0.230, 0.299, 0.754),
@@ -513,7 +525,8 @@ def color_node(scene: Any, colormap: str, n_colors: int = 256) -> Any:
 def robust_range(values: np.ndarray, symmetric: bool = False) -> tuple[float, float]:
     """Colour range of a heatmap: the 2nd-98th percentiles of the finite ``values`` (one outlier
     vertex must not wash the whole map into one colour); ``symmetric`` gives ``(-m, m)`` with ``m``
-    the 98th percentile of ``|values|``, so 0 sits at the centre of a diverging map."""
+    the 98th percentile of ``|values|``, so 0 sits at the centre of a diverging map. A constant
+    map (to rounding) gets ``(value, value + 1)``: one colour, the low end."""
     vals = np.asarray(values, dtype=np.float64).ravel()
     vals = vals[np.isfinite(vals)]
     if vals.size == 0:
@@ -522,7 +535,8 @@ def robust_range(values: np.ndarray, symmetric: bool = False) -> tuple[float, fl
         m = float(np.percentile(np.abs(vals), 98)) or 1.0
         return (-m, m)
     lo, hi = float(np.percentile(vals, 2)), float(np.percentile(vals, 98))
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+    # a constant map (up to rounding: interpolated onto vertices) is one colour, not amplified noise
+    return (lo, hi) if hi - lo > 1e-9 * max(1.0, abs(lo), abs(hi)) else (lo, lo + 1.0)
 
 
 def show_scalar_heatmap(
@@ -748,13 +762,81 @@ class PredictionNodes:
 
 
 HEATMAPS = {
-    # array name -> (colour map, symmetric range, legend title with units)
+    # array name -> (colour map, symmetric range, legend title with units); the order is the
+    # default preference when the user asks for "auto"
     "error_mm": ("viridis", False, "Error (mm)"),
+    "uncertainty_mm": ("magma", False, "Uncertainty (mm)"),
     "severity_signed": ("coolwarm", True, "Severity (SD, + outward)"),
 }
 
+#: the module's "Colour by" choices -> array name (None: the first available of HEATMAPS)
+HEATMAP_CHOICES = {
+    "auto": None,
+    "error": "error_mm",
+    "uncertainty": "uncertainty_mm",
+    "severity": "severity_signed",
+}
+
 #: table column (with units) for each per-particle array of a result
-VALUE_COLUMNS = {"error_mm": "error (mm)", "severity_signed": "severity (SD, signed)"}
+VALUE_COLUMNS = {
+    "error_mm": "error (mm)",
+    "uncertainty_mm": "uncertainty (mm)",
+    "severity_signed": "severity (SD, signed)",
+}
+
+
+def _point_arrays(node: Any) -> set[str]:
+    pd = node.GetPolyData() if node is not None else None
+    if pd is None:
+        return set()
+    data = pd.GetPointData()
+    return {data.GetArrayName(i) for i in range(data.GetNumberOfArrays())}
+
+
+def apply_heatmap(nodes: PredictionNodes, choice: str | None = None) -> str | None:
+    """Colour the prediction's surface and point cloud by the heatmap ``choice`` (a key of
+    :data:`HEATMAP_CHOICES` or an array name of :data:`HEATMAPS`; None/"auto": the first
+    available). A choice the result lacks (uncertainty from a bundle without it) falls back to the
+    first available one. Returns the array shown, or None when there is none (plain colours).
+
+    The surface gets the legend; the point cloud uses the same colour map and range, so a glyph
+    and the surface under it show the same colour for the same value."""
+    if choice is not None and choice not in HEATMAP_CHOICES and choice not in HEATMAPS:
+        raise InputError(f"unknown heatmap {choice!r}; expected one of {sorted(HEATMAP_CHOICES)}")
+    wanted = HEATMAP_CHOICES.get(choice, choice) if choice is not None else None
+    carriers = [n for n in (nodes.surface, nodes.point_cloud) if n is not None]
+    available = [a for a in HEATMAPS if carriers and a in _point_arrays(carriers[0])]
+    chosen = wanted if wanted in available else (available[0] if available else None)
+    nodes.legends = {}
+    for node in carriers:
+        display = node.GetDisplayNode()
+        if chosen is None:
+            if display is not None:
+                display.SetScalarVisibility(False)
+            legend = _existing_legend(node)
+            if legend is not None:
+                legend.SetVisibility(False)
+    if chosen is None:
+        return None
+    cmap, symmetric, title = HEATMAPS[chosen]
+    from vtk.util import numpy_support as ns
+
+    first = carriers[0]
+    value_range = robust_range(
+        ns.vtk_to_numpy(first.GetPolyData().GetPointData().GetArray(chosen)), symmetric
+    )
+    for node in carriers:
+        legend = show_scalar_heatmap(node, chosen, cmap, value_range, symmetric, title)
+        if node is first:
+            nodes.legends[chosen] = legend
+        else:
+            legend.SetVisibility(False)  # one legend per view: the surface's
+    return chosen
+
+
+def _existing_legend(node: Any) -> Any:
+    slicer = _slicer()
+    return slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(node)
 
 
 def show_prediction(
@@ -768,7 +850,7 @@ def show_prediction(
 
     Reuses those of ``nodes`` that are still in ``scene`` (re-running updates in place; nodes
     deleted by the user or by Close Scene are created anew). ``heatmap`` picks the array shown on
-    the surface (default: the first available of ``HEATMAPS``).
+    the surface and the point cloud (see :func:`apply_heatmap`; default: the first available).
 
     Outputs: a locked point list of the particles (plus a glyph model when there are many), the
     surface model (heatmap, semi-transparent, outlined in the slice views) and the same surface as
@@ -782,9 +864,22 @@ def show_prediction(
     nodes.particles = particles_to_markups(
         scene, particles, f"{base} DeepSSM particles", reference=volume_node, node=nodes.particles
     )
-    if len(particles) >= POINT_CLOUD_THRESHOLD:
+    arrays = {
+        k: np.asarray(v, dtype=np.float64)
+        for k, v in (result.get("point_arrays") or {}).items()
+        if len(v) == len(particles)
+    }
+    # glyphs for many particles, or to carry a heatmap when there is no surface to show it on
+    if len(particles) >= POINT_CLOUD_THRESHOLD or (
+        not result.get("mesh") and any(a in HEATMAPS for a in arrays)
+    ):
         nodes.point_cloud = add_point_cloud_model(
-            scene, particles, f"{base} DeepSSM point cloud", reference=volume_node, node=nodes.point_cloud
+            scene,
+            particles,
+            f"{base} DeepSSM point cloud",
+            reference=volume_node,
+            node=nodes.point_cloud,
+            particle_values=arrays,
         )
         nodes.particles.GetDisplayNode().SetVisibility3D(False)
     nodes.legends = {}
@@ -804,18 +899,8 @@ def show_prediction(
             reference=volume_node,
             node=nodes.segmentation,
         )
-        available = [a for a in HEATMAPS if nodes.surface.GetPolyData().GetPointData().GetArray(a)]
-        chosen = heatmap if heatmap in available else (available[0] if available else None)
-        if chosen is not None:
-            cmap, symmetric, title = HEATMAPS[chosen]
-            nodes.legends[chosen] = show_scalar_heatmap(
-                nodes.surface, chosen, cmap, symmetric=symmetric, title=title
-            )
-    per_particle = {
-        VALUE_COLUMNS.get(k, k): v
-        for k, v in (result.get("point_arrays") or {}).items()
-        if len(v) == len(particles)
-    }
+    apply_heatmap(nodes, heatmap)
+    per_particle = {VALUE_COLUMNS.get(k, k): v for k, v in arrays.items()}
     nodes.values = point_value_table(
         scene, particles, per_particle, f"{base} DeepSSM values", reference=volume_node, node=nodes.values
     )

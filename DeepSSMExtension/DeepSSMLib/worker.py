@@ -49,6 +49,7 @@ MESH_FILE = "surface.vtk"
 # names of the per-vertex / per-particle arrays written into the result files
 ERROR_ARRAY = "error_mm"
 SEVERITY_ARRAY = "severity_signed"
+UNCERTAINTY_ARRAY = "uncertainty_mm"  # the name `deepssm predict --mesh` uses too
 
 
 def emit(stream: TextIO, msg_type: str, /, **payload: Any) -> None:
@@ -83,6 +84,34 @@ def _prediction_fields(
     return particles, descriptor, kind, alignment, timings
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with numpy values as Python ones and NaN/Inf as None (the protocol is strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | np.ndarray):
+        return [_json_safe(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _uncertainty_result(
+    prediction: Any, source: str, n_particles: int
+) -> tuple[np.ndarray | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """The per-particle uncertainty ``(M,)`` mm of a prediction, its summary for the result
+    (``{"mean_mm", "max_mm", "method"}``) and the OOD verdict, JSON-safe; Nones for a bundle
+    without them. A malformed uncertainty (wrong length, NaN) is an InputError naming ``source``."""
+    from DeepSSMLogic.analysis.evaluation import prediction_uncertainty
+
+    unc, method, ood = prediction_uncertainty(prediction, source, n_particles)
+    summary = None
+    if unc is not None:
+        summary = {"mean_mm": float(unc.mean()), "max_mm": float(unc.max()), "method": method}
+    return unc, summary, (_json_safe(dict(ood)) if ood is not None else None)
+
+
 def _normal_model(normal_files: Sequence[str]) -> Any | None:
     """The normal-population PPCA fitted on the ``--normal-particles`` files; None without them (a
     bundle carries no normal model: its PCA is of the whole training cohort), so no severity."""
@@ -115,7 +144,14 @@ def run_predict(args: argparse.Namespace, progress: ProgressCallback, stream: Te
         )
     progress(ProgressEvent("predict", 1, total, f"running the network on {args.device}"))
     predictor = Predictor(bundle, device=args.device, align=not args.aligned)
-    particles, descriptor, kind, alignment, timings = _prediction_fields(predictor.predict(image))
+    prediction = predictor.predict(image)
+    particles, descriptor, kind, alignment, timings = _prediction_fields(prediction)
+    uncertainty, uncertainty_summary, ood = _uncertainty_result(
+        prediction, Path(args.image).name, len(particles)
+    )
+    if ood is not None and ood.get("flag"):
+        reasons = "; ".join(str(r) for r in ood.get("reasons") or []) or "no reason given"
+        emit(stream, "log", message=f"warning: the image looks out of distribution: {reasons}")
     io.write_particles(out / PARTICLES_FILE, particles)
 
     progress(ProgressEvent("predict", 2, total, "computing heatmaps"))
@@ -130,6 +166,9 @@ def run_predict(args: argparse.Namespace, progress: ProgressCallback, stream: Te
             rms_distance_mm=float(np.sqrt(np.mean(err**2))),
             max_error_mm=float(err.max()),
         )
+    if uncertainty is not None:
+        point_arrays[UNCERTAINTY_ARRAY] = uncertainty
+        stats["uncertainty_mean_mm"] = float(uncertainty.mean())
     severity_score = None
     normal = _normal_model(args.normal_particles or [])
     if normal is not None:
@@ -172,6 +211,8 @@ def run_predict(args: argparse.Namespace, progress: ProgressCallback, stream: Te
         "descriptor": descriptor.tolist(),
         "descriptor_kind": kind,
         "severity": severity_score,
+        "uncertainty": uncertainty_summary,
+        "ood": ood,
         "alignment": alignment.tolist() if alignment is not None else None,
         "timings": {k: float(v) for k, v in timings.items()},
         "stats": stats,
