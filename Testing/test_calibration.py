@@ -88,6 +88,10 @@ def test_reliability_bins_are_exact_on_constructed_data():
     assert [b["mean_predicted_mm"] for b in bins] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5])
     assert [b["mean_actual_mm"] for b in bins] == pytest.approx([0.55, 1.05, 1.55, 2.05, 2.55])
     assert bins[0]["lo"] == 0.5 and bins[-1]["hi"] == 2.5
+    # a value on an inner edge belongs to the bin above it: [1, 3) and [3, 5]
+    bins = cal.reliability_bins([1.0, 2.0, 3.0, 4.0, 5.0], [10.0, 20.0, 30.0, 40.0, 50.0], n_bins=2)
+    assert [(b["lo"], b["hi"], b["count"]) for b in bins] == [(1.0, 3.0, 2), (3.0, 5.0, 3)]
+    assert [b["mean_actual_mm"] for b in bins] == [15.0, 40.0]
 
 
 def test_reliability_bins_never_split_tied_values():
