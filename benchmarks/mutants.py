@@ -170,6 +170,30 @@ MUTANTS: tuple[Mutant, ...] = (
         ("Testing/test_analysis.py", "Testing/test_worker.py"),
         "outward growth shown as inward on the severity heatmap",
     ),
+    Mutant(
+        "reliability-edge-to-lower-bin",
+        "DeepSSMLogic/analysis/calibration.py",
+        'idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, edges.size - 2)',
+        'idx = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, edges.size - 2)',
+        ("Testing/test_calibration.py",),
+        "reliability bins put a value on an inner edge into the bin below",
+    ),
+    Mutant(
+        "calibration-error-per-point-rmse",
+        "DeepSSMLogic/analysis/evaluation.py",
+        "[np.linalg.norm(r.pred - r.gt, axis=1) for r in results],",
+        "[metrics.per_point_rmse(r.pred, r.gt) for r in results],",
+        ("Testing/test_evaluation.py",),
+        "the reliability plot compares the uncertainty with sqrt(d²/3), not the distance in mm",
+    ),
+    Mutant(
+        "heatmap-ignores-colour-by",
+        "DeepSSMExtension/DeepSSMLib/mrml.py",
+        "chosen = wanted if wanted in available else (available[0] if available else None)",
+        "chosen = available[0] if available else None",
+        ("Testing/test_slicer_uncertainty.py",),
+        "Colour by: uncertainty still shows the error heatmap",
+    ),
 )
 
 
