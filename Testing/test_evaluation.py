@@ -61,6 +61,9 @@ def test_a_prediction_shifted_by_d_measures_exactly_d(shifted_case, tmp_path):
     # a bundle without uncertainty: the sections say so, the columns stay empty
     assert m["calibration"]["available"] is False and "no uncertainty" in m["calibration"]["reason"]
     assert m["ood"]["available"] is False
+    from DeepSSMLogic.commands.evaluate import uncertainty_lines
+
+    assert uncertainty_lines(m) == [m["calibration"]["reason"]]
     assert all(r.get("uncertainty_mean_mm") is None and r.get("ood_flag") is None for r in m["subjects"])
     # the files say the same
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -197,6 +200,14 @@ def test_calibration_and_ood_rate_of_a_perfectly_ranked_model(uncertain_case, tm
     assert table["s1"]["ood_reasons"] == "image intensities outside the training range"
     text = (tmp_path / "out" / "metrics.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    # what `deepssm evaluate` prints
+    from DeepSSMLogic.commands.evaluate import uncertainty_lines
+
+    lines = uncertainty_lines(m)
+    assert lines[0].startswith(
+        "uncertainty (ensemble): Spearman ρ predicted vs actual per-particle error 1.000"
+    )
+    assert lines[1] == "out of distribution: 1 of 3 image(s) flagged (s1)"
     # the report shows both sections and the reliability plot
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Uncertainty calibration" in html and "Out-of-distribution check" in html

@@ -162,7 +162,8 @@ def no_uncertainty(reason: str) -> dict[str, Any]:
     return {"available": False, "reason": f"no uncertainty: {reason}"}
 
 
-def _finite(v: Any) -> float | None:
+def finite_or_none(v: Any) -> float | None:
+    """``float(v)`` when it is a finite number, else None (strict JSON: no NaN/Inf)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -186,8 +187,8 @@ def ood_summary(ood_by_id: Mapping[str, Mapping[str, Any] | None]) -> dict[str, 
             flagged.append(
                 {
                     "id": sid,
-                    "score": _finite(o.get("score")),
-                    "threshold": _finite(o.get("threshold")),
+                    "score": finite_or_none(o.get("score")),
+                    "threshold": finite_or_none(o.get("threshold")),
                     "reasons": [str(r) for r in (o.get("reasons") or [])],
                 }
             )
@@ -197,6 +198,6 @@ def ood_summary(ood_by_id: Mapping[str, Mapping[str, Any] | None]) -> dict[str, 
         "n_unchecked": len(ood_by_id) - len(checked),
         "n_flagged": len(flagged),
         "flag_rate": len(flagged) / len(checked),
-        "threshold": _finite(next(iter(checked.values())).get("threshold")),
+        "threshold": finite_or_none(next(iter(checked.values())).get("threshold")),
         "flagged": flagged,
     }

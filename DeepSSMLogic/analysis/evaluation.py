@@ -152,12 +152,7 @@ def _csv_cell(v: Any) -> Any:
     return "" if v is None else v
 
 
-def _finite_or_none(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
+_finite_or_none = calibration.finite_or_none
 
 
 def _write_uncertainty(out: Path, subject: str, uncertainty: np.ndarray) -> None:
