@@ -52,6 +52,12 @@ def test_prediction_on_demo(case, logic, volume, truth, bundle):
     case.assertGreater(nodes.descriptor.GetTable().GetNumberOfRows(), 0)
     case.assertEqual(nodes.segmentation.GetSegmentation().GetNumberOfSegments(), 1)
     case.assertEqual(nodes.values.GetTable().GetNumberOfRows(), n)
+    # the status area's verdict matches what the bundle gives (issue 13): an uncertainty map iff it
+    # predicts an uncertainty
+    verdict = logic.lastVerdict
+    case.assertIsNotNone(verdict, "a prediction must leave an OOD/uncertainty verdict for the status area")
+    has_map = nodes.surface.GetPolyData().GetPointData().GetArray("uncertainty_mm") is not None
+    case.assertEqual(has_map, not verdict.uncertainty.startswith("No uncertainty"))
     sh = slicer.mrmlScene.GetSubjectHierarchyNode()
     parent = sh.GetItemParent(sh.GetItemByDataNode(volume))
     for node in (nodes.particles, nodes.surface, nodes.descriptor):
