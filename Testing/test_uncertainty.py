@@ -268,3 +268,48 @@ def test_mesh_output_carries_uncertainty(tmp_path):
     arr = out.GetPointData().GetArray("uncertainty_mm")
     assert arr is not None and arr.GetNumberOfTuples() == 20
     assert arr.GetValue(3) == pytest.approx(3.0)  # a vertex on a particle takes its value
+
+
+@pytest.mark.parametrize("method", ["mc-dropout", "ensemble"])
+def test_tl_and_light_networks_give_uncertainty(method):
+    from DeepSSMLogic.networks import TLDeepSSM
+    from DeepSSMLogic.uncertainty import build_uncertain_network
+
+    arch = TLDeepSSM((16, 16, 16), 20, 8, hidden=16, conv_padding="same", encoder="light").architecture
+    spec = UncertaintySpec(method=method, members=2, samples=5)
+    net = build_uncertain_network(arch, spec).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        d, p, u = predict_with_uncertainty(net, torch.randn(2, 1, 16, 16, 16), spec)
+    assert d.shape == (2, 8) and p.shape == (2, 20, 3) and u.shape == (2, 20)
+    assert bool(torch.isfinite(u).all()) and bool((u > 0).all())
+
+
+@pytest.mark.slow
+def test_train_mc_dropout_then_predict_mesh_end_to_end(tmp_path, capsys):
+    from DeepSSMLogic.synthetic import generate_cohort
+
+    csv = generate_cohort(
+        "cranium", 12, tmp_path / "cohort", seed=3, image_size=(32, 32, 32), spacing=3.0, n_particles=64
+    )
+    model = tmp_path / "model"
+    rc = main(["train", str(csv), "--out", str(model), "--epochs", "2", "--augment", "6", "--batch-size", "4",
+               "--spacing", "4", "--device", "cpu", "--seed", "1", "--quiet", "--encoder", "light",
+               "--uncertainty", "mc-dropout", "--mc-samples", "10"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    meta = read_bundle_meta(model)
+    assert meta["uncertainty"]["method"] == "mc-dropout" and meta["uncertainty"]["samples"] == 10
+    assert meta["hyperparameters"]["train_config"]["head_dropout"] == 0.2
+    assert meta["ood"]["threshold"] >= 3.0 and meta["training_summary"]["calibration"]["n_validation"] >= 2
+    img = sorted((csv.parent / "images").glob("*.nrrd"))[0]
+    rc = main(
+        ["predict", str(model), str(img), "--out", str(tmp_path / "p"), "--mesh", "--no-align", "--quiet"]
+    )
+    assert rc == 0
+    stem = img.name[: -len(".nrrd")]
+    mesh = io.read_mesh(tmp_path / "p" / f"{stem}.vtk")
+    arr = mesh.GetPointData().GetArray("uncertainty_mm")
+    assert arr is not None and arr.GetNumberOfTuples() == mesh.GetNumberOfPoints()
+    doc = json.loads((tmp_path / "p" / f"{stem}.json").read_text())
+    assert len(doc["uncertainty"]["per_particle_mm"]) == 64 and doc["uncertainty"]["method"] == "mc-dropout"
