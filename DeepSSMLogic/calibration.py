@@ -26,14 +26,11 @@ class CalibrationResult:
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    if len(a) < 3:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    ra = np.argsort(np.argsort(a)).astype(np.float64)
-    rb = np.argsort(np.argsort(b)).astype(np.float64)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = float(np.sqrt((ra @ ra) * (rb @ rb)))
-    return None if den == 0 else float(ra @ rb) / den
+    return float(spearmanr(a, b).statistic)
 
 
 @torch.no_grad()
