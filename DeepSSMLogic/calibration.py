@@ -21,7 +21,7 @@ from .uncertainty import UncertaintySpec, predict_with_uncertainty
 @dataclass
 class CalibrationResult:
     spec: UncertaintySpec  # with the fitted scale
-    ood: ood.OODCalibration
+    ood: ood.OODCalibration | None  # None when the validation split has fewer than 2 samples
     summary: dict[str, Any]
 
 
@@ -67,37 +67,26 @@ def calibrate_model(
     intensity = ood.IntensityReference.fit([ood.image_statistics(img, normalizer) for img in train_images])
     n_modes = ood.mahalanobis_modes(shape_model)
     ref_x = normalizer(np.asarray(reference, dtype=np.float32))
-    raws, truths, preds, uncs, xs_all = [], [], [], [], []
+    image_rows, truths, preds, uncs = [], [], [], []
     n = len(val_set)
     for start in range(0, n, batch_size):
         items = [val_set[i] for i in range(start, min(n, start + batch_size))]
         raw = np.stack([np.asarray(it[0], dtype=np.float32).reshape(ref_x.shape) for it in items])
         xs = np.stack([normalizer(r) for r in raw])[:, None]
         _, parts, unc = run_network(network, unscaled, xs)
-        raws += list(raw)
-        xs_all += list(xs[:, 0])
+        image_rows += [ood.image_components(r, x[0], ref_x, normalizer, intensity) for r, x in zip(raw, xs)]
         truths += [np.asarray(it[1], dtype=np.float64) for it in items]
         preds += list(parts)
         uncs += list(unc) if unc is not None else [None] * len(items)
     triples = list(zip(truths, preds, uncs, strict=True))
     scale = ood.fit_uncertainty_scale(triples) if spec.enabled else 1.0
     fitted = UncertaintySpec(**{**spec.__dict__, "scale": float(scale)})
-    rows = []
-    for raw, x, p, u in zip(raws, xs_all, preds, uncs, strict=True):
-        rows.append(
-            ood.components_for(
-                raw=raw,
-                x=x,
-                reference=ref_x,
-                particles_model=p,
-                uncertainty=None if u is None else u * scale,
-                normalizer=normalizer,
-                shape_model=shape_model,
-                intensity=intensity,
-                n_modes=n_modes,
-            )
-        )
-    cal = ood.calibrate(rows, intensity, n_modes)
+    rows = [
+        row | ood.prediction_components(p, None if u is None else u * scale, shape_model, n_modes)
+        for row, p, u in zip(image_rows, preds, uncs, strict=True)
+    ]
+    # fewer than 2 validation predictions (a tiny cohort without augmentation): no OOD calibration
+    cal = ood.calibrate(rows, intensity, n_modes) if len(rows) >= 2 else None
     rmse = [float(np.sqrt(((p - t) ** 2).sum(-1).mean())) for t, p, _ in triples]
     summary: dict[str, Any] = {"n_validation": n, "val_rmse_mm": float(np.mean(rmse))}
     if spec.enabled:

@@ -120,24 +120,22 @@ class IntensityReference:
         return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
 
 
-def components_for(
-    *,
-    raw: np.ndarray,
-    x: np.ndarray,
-    reference: np.ndarray,
-    particles_model: np.ndarray,
-    uncertainty: np.ndarray | None,
-    normalizer: Any,
-    shape_model: Any,
-    intensity: IntensityReference,
-    n_modes: int,
+def image_components(
+    raw: np.ndarray, x: np.ndarray, reference: np.ndarray, normalizer: Any, intensity: IntensityReference
 ) -> dict[str, float]:
-    """The raw component values of one prediction (see the module docstring)."""
-    out = {
-        "descriptor_mahalanobis": descriptor_mahalanobis(particles_model, shape_model, n_modes),
+    """The image-side components: ``intensity`` (of the raw array on the reference grid) and
+    ``registration`` (the normalised input ``x`` against the normalised ``reference``)."""
+    return {
         "intensity": intensity.distance(image_statistics(raw, normalizer)),
         "registration": registration_quality(x, reference),
     }
+
+
+def prediction_components(
+    particles_model: np.ndarray, uncertainty: np.ndarray | None, shape_model: Any, n_modes: int
+) -> dict[str, float]:
+    """The prediction-side components: ``descriptor_mahalanobis`` and (with uncertainty) ``uncertainty_mm``."""
+    out = {"descriptor_mahalanobis": descriptor_mahalanobis(particles_model, shape_model, n_modes)}
     if uncertainty is not None:
         out["uncertainty_mm"] = float(np.mean(uncertainty))
     return out

@@ -603,7 +603,7 @@ def train_model(
         template_particles=template[1] if template else None,
         hyperparameters={"train_config": config.to_dict(), "options": _options_dict(opts)},
         uncertainty=calibration.spec.to_dict(),
-        ood=calibration.ood.to_dict(),
+        ood=calibration.ood.to_dict() if calibration.ood is not None else None,
     )
     release_group()
     return TrainOutcome(path, work, summary)

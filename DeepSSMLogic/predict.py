@@ -626,15 +626,14 @@ class Predictor:
         self.ood_calibration = self.bundle.ood_calibration
         self._reference_x = self.normalizer(sitk.GetArrayFromImage(self._reference))
 
-    def image_components(self, raw: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray | float]:
-        """The image-side OOD inputs of one prepared image: intensity statistics of the resampled raw
-        array and the registration quality of the normalised one (see ``ood.py``)."""
+    def image_components(self, raw: np.ndarray, x: np.ndarray) -> dict[str, float]:
+        """The image-side OOD components of one prepared image (``ood.image_components``): intensity
+        statistics of the resampled raw array, registration quality of the normalised one."""
         from . import ood
 
-        return {
-            "features": ood.image_statistics(raw, self.normalizer),
-            "registration": ood.registration_quality(x, self._reference_x),
-        }
+        return ood.image_components(
+            raw, x, self._reference_x, self.normalizer, self.ood_calibration.intensity
+        )
 
     def assess_ood(
         self, image_parts: dict[str, Any], particles_model: np.ndarray, uncertainty: np.ndarray | None
@@ -645,15 +644,9 @@ class Predictor:
         cal = self.ood_calibration
         if cal is None or self.bundle.shape_model is None:
             return None
-        values = {
-            "descriptor_mahalanobis": ood.descriptor_mahalanobis(
-                particles_model, self.bundle.shape_model, cal.n_modes
-            ),
-            "intensity": cal.intensity.distance(image_parts["features"]),
-            "registration": float(image_parts["registration"]),
-        }
-        if uncertainty is not None:
-            values["uncertainty_mm"] = float(np.mean(uncertainty))
+        values = image_parts | ood.prediction_components(
+            particles_model, uncertainty, self.bundle.shape_model, cal.n_modes
+        )
         return cal.assess(values)
 
     # -- network ----------------------------------------------------------------------------------

@@ -313,3 +313,13 @@ def test_train_mc_dropout_then_predict_mesh_end_to_end(tmp_path, capsys):
     assert arr is not None and arr.GetNumberOfTuples() == mesh.GetNumberOfPoints()
     doc = json.loads((tmp_path / "p" / f"{stem}.json").read_text())
     assert len(doc["uncertainty"]["per_particle_mm"]) == 64 and doc["uncertainty"]["method"] == "mc-dropout"
+
+
+def test_one_validation_sample_gives_no_ood_calibration():
+    net, sm, grid, ref, norm = _net(0)
+    val = _val_set(grid, 1)
+    cal = calibrate_model(
+        net, UncertaintySpec(), val, normalizer=norm, reference=sitk.GetArrayFromImage(ref), shape_model=sm,
+        train_images=np.stack([v[0][0] for v in val]),
+    )  # fmt: skip
+    assert cal.ood is None and cal.spec.method == "none" and cal.summary["n_validation"] == 1
