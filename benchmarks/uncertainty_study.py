@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mc-samples", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--align", action="store_true", help="predict with registration (CLI default) instead")
+    p.add_argument(
+        "--reuse", action="store_true", help="evaluate the bundles an earlier run left in --out (no training)"
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.n_subjects, a.n_other, a.n_noise, a.image_size, a.particles = 12, 3, 3, 32, 64
@@ -140,10 +144,10 @@ def build_images(args: argparse.Namespace, cohort_csv: Path, other_csv: Path) ->
     return {"held": held, "noise": noise, "other": other[: args.n_other]}
 
 
-def evaluate(bundle_path: Path, images: dict[str, Any]) -> dict[str, Any]:
+def evaluate(bundle_path: Path, images: dict[str, Any], align: bool = False) -> dict[str, Any]:
     from DeepSSMLogic.predict import Predictor
 
-    pr = Predictor(bundle_path, device="cpu", align=False)
+    pr = Predictor(bundle_path, device="cpu", align=align)
     held = images["held"]
     clean = [h for h in held if h["kind"] == "clean"]
     pr.predict_many([clean[0]["image"]], batch_size=1)  # warm-up
@@ -266,11 +270,17 @@ def main(argv: list[str] | None = None) -> int:
             mc_samples=args.mc_samples,
         )
         t0 = time.perf_counter()
-        outcome = train_model(cohort_csv, out / f"model-{method}", opts, work_dir=out / "work")
-        train_s = time.perf_counter() - t0
-        res = evaluate(outcome.bundle, images)
+        bundle = out / f"model-{method}"
+        if args.reuse:
+            from DeepSSMLogic.bundle import read_bundle_meta
+
+            summary = read_bundle_meta(bundle)["training_summary"]
+        else:
+            summary = train_model(cohort_csv, bundle, opts, work_dir=out / "work").summary
+        train_s = time.perf_counter() - t0 if not args.reuse else float(summary.get("seconds_total", 0.0))
+        res = evaluate(bundle, images, align=args.align)
         res["train_seconds"] = train_s
-        res["calibration"] = outcome.summary.get("calibration")
+        res["calibration"] = summary.get("calibration")
         results[method] = res
         print(
             f"[{method}] trained in {train_s:.0f} s; {json.dumps({k: v for k, v in res.items() if k != 'scores'})}"
@@ -280,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"uncertainty study: {args.family}, {args.n_subjects} subjects, {args.encoder} encoder, "
         f"grid {args.grid_spacing} mm, augment {args.augment}, {args.epochs} epochs, seed {args.seed}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'registration on (align=True)' if args.align else 'pre-aligned (align=False)'}",
         "",
         "| method | clean RMSE mm (÷ none) | ρ subject | ρ particle (clean) | OOD clean | OOD strong "
         "(noise/blur/fov) | OOD pure noise | OOD other anatomy | s/image (÷ none) | forward s (÷ none) | train s |",
@@ -300,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"\ntotal {time.perf_counter() - t_all:.0f} s")
     text = "\n".join(lines)
     print(text)
-    (out / "uncertainty_study.json").write_text(json.dumps(results, indent=1, default=float))
-    (out / "uncertainty_study.md").write_text(text + "\n")
+    name = "uncertainty_study" + ("_aligned" if args.align else "")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / f"{name}.md").write_text(text + "\n")
     return 0
 
 
