@@ -51,18 +51,26 @@ _REASONS = {
 
 # -- the components ---------------------------------------------------------------------------------
 def image_statistics(array: np.ndarray, normalizer: Any) -> np.ndarray:
-    """The nine statistics (:data:`FEATURE_NAMES`) of a raw image on the reference grid ``(Z, Y, X)``."""
+    """The nine statistics (:data:`FEATURE_NAMES`) of a raw image on the reference grid ``(Z, Y, X)``.
+
+    NaN voxels (the part of the grid outside the input image after alignment) are left out, so the
+    padding of a resampled, shifted image does not count as image content."""
     a = np.asarray(array, dtype=np.float64)
     if a.ndim == 4:
         a = a[0]
     if a.ndim != 3 or a.size == 0:
         raise InputError(f"image statistics: expected a (Z, Y, X) array, found shape {a.shape}")
     u = (a - float(normalizer.mean)) / float(normalizer.std)
-    q = np.percentile(u, QUANTILES)
-    spread = max(float(u.std()), 1e-6)
-    diffs = [np.abs(np.diff(u, axis=ax)).mean() for ax in range(3) if u.shape[ax] > 1]
+    inside = np.isfinite(u)
+    if not inside.any():
+        raise InputError("image statistics: the image does not overlap the reference grid")
+    q = np.percentile(u[inside], QUANTILES)
+    spread = max(float(u[inside].std()), 1e-6)
+    diffs = [np.nanmean(np.abs(np.diff(u, axis=ax))) for ax in range(3) if u.shape[ax] > 1]
+    diffs = [d for d in diffs if np.isfinite(d)]
     rough = float(np.mean(diffs)) / spread if diffs else 0.0
-    outside = float(np.mean((a < float(normalizer.clip_low)) | (a > float(normalizer.clip_high))))
+    vals = a[inside]
+    outside = float(np.mean((vals < float(normalizer.clip_low)) | (vals > float(normalizer.clip_high))))
     return np.concatenate([q, [rough, outside]])
 
 

@@ -748,7 +748,15 @@ class Predictor:
         warn_if_outside_training_range(arr, self.normalizer, label)
         x = self.normalizer(arr)
         t3 = time.perf_counter()
-        parts = self.image_components(arr, x) if self.ood_calibration is not None else {}
+        parts = {}
+        if self.ood_calibration is not None:
+            # the intensity statistics see only the grid voxels inside the input (NaN outside)
+            raw = arr
+            if alignment.kind != "none":
+                raw = resample_to_grid(
+                    img, self.grid, transform=alignment.transform, default_value=float("nan")
+                )
+            parts = self.image_components(raw, x)
         timings = {"read_check": t1 - t0, "align": t2 - t1, "resample_normalise": t3 - t2}
         if parts:
             timings["ood_inputs"] = time.perf_counter() - t3
