@@ -323,3 +323,16 @@ def test_one_validation_sample_gives_no_ood_calibration():
         train_images=np.stack([v[0][0] for v in val]),
     )  # fmt: skip
     assert cal.ood is None and cal.spec.method == "none" and cal.summary["n_validation"] == 1
+
+
+def test_image_statistics_leave_out_the_voxels_outside_the_input():
+    from DeepSSMLogic.ood import image_statistics
+    from DeepSSMLogic.preprocess import IntensityNormalizer
+
+    a = np.random.default_rng(0).normal(50.0, 10.0, (12, 10, 8))
+    norm = IntensityNormalizer(20.0, 80.0, 50.0, 10.0)
+    padded = a.copy()
+    padded[:, :, 6:] = np.nan  # the grid beyond the shifted input
+    assert np.allclose(image_statistics(padded, norm), image_statistics(a[:, :, :6], norm))
+    padded[:, :, 6:] = a.min() - 100.0  # a constant pad instead moves the low quantile
+    assert not np.allclose(image_statistics(padded, norm), image_statistics(a[:, :, :6], norm))
