@@ -86,6 +86,22 @@ class Bundle:
         """Descriptor type: "pca" (Base-DeepSSM scores, mm) or "latent" (TL-DeepSSM code)."""
         return str(self.meta.get("descriptor_kind", "pca"))
 
+    @property
+    def uncertainty(self) -> Any:
+        """The :class:`~DeepSSMLogic.uncertainty.UncertaintySpec` (method "none" for bundles without)."""
+        from .uncertainty import UncertaintySpec
+
+        return UncertaintySpec.from_dict(
+            self.meta.get("uncertainty"), f"{self.path}/{MODEL_JSON}: uncertainty"
+        )
+
+    @property
+    def ood_calibration(self) -> Any:
+        """The :class:`~DeepSSMLogic.ood.OODCalibration`, or None (bundles from before issue 13)."""
+        from .ood import OODCalibration
+
+        return OODCalibration.from_dict(self.meta.get("ood"))
+
     def reference_image(self) -> Any:
         """The reference image (SimpleITK), on the reference grid."""
         from .io import read_image
@@ -142,6 +158,8 @@ def save_bundle(
     hyperparameters: dict[str, Any] | None = None,
     mean_particles: np.ndarray | None = None,
     overwrite: bool = False,
+    uncertainty: dict[str, Any] | None = None,
+    ood: dict[str, Any] | None = None,
 ) -> Path:
     """Write a bundle atomically to ``path`` (a directory, or a single file when it ends in .zip).
 
@@ -151,7 +169,8 @@ def save_bundle(
     or None with ``mean_particles`` given; ``reference_image``: a SimpleITK image or a path (the
     registration target, on ``reference_grid``); ``template_mesh``: vtkPolyData or a path
     (optional) whose corresponding points are ``template_particles`` (default: the mean shape).
-    An existing bundle at ``path`` is replaced; anything else is refused (a foreign file is
+    ``uncertainty`` / ``ood``: ``UncertaintySpec.to_dict()`` / ``OODCalibration.to_dict()`` (issue 13;
+    ``network`` is then the matching ensemble or dropout network). An existing bundle at ``path`` is replaced; anything else is refused (a foreign file is
     replaced with ``overwrite``; a foreign folder never). Returns the bundle path.
     """
     from . import io
@@ -211,6 +230,10 @@ def save_bundle(
             "training_summary": _to_jsonable(training_summary or {}),
             "files": {f: sha256_file(work / f) for f in files},
         }
+        if uncertainty is not None:
+            meta["uncertainty"] = _to_jsonable(uncertainty)
+        if ood is not None:
+            meta["ood"] = _to_jsonable(ood)
         meta["content_sha256"] = _content_digest(meta)
         (work / MODEL_JSON).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n", encoding="utf-8")
         if work is not tmp:
@@ -239,7 +262,11 @@ def _entry_cap(name: str, meta: dict[str, Any]) -> int:
         TEMPLATE_PARTICLES: n * 3 * 40 + 4096,
         TEMPLATE_MESH: 1 << 30,
     }
-    return _weights_cap(meta["architecture"]) if name == WEIGHTS else caps[name]
+    if name == WEIGHTS:
+        unc = meta.get("uncertainty") or {}
+        members = int(unc.get("members", 1)) if unc.get("method") == "ensemble" else 1
+        return members * _weights_cap(meta["architecture"])
+    return caps[name]
 
 
 def _weights_cap(architecture: dict[str, Any]) -> int:
@@ -484,7 +511,7 @@ def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_locatio
     shape_model = _shape_model_from_meta(src, meta.get("pca"))
 
     mean = _read_bundle_particles(src, files_dir, MEAN_PARTICLES, n_particles)
-    network = _load_network(src, files_dir, architecture, map_location)
+    network = _load_network(src, files_dir, architecture, map_location, meta.get("uncertainty"))
     template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in meta["files"] else None
     template_pts = None
     if TEMPLATE_PARTICLES in meta["files"]:
@@ -521,17 +548,25 @@ def _read_bundle_particles(src: Path, files_dir: Path, name: str, n_particles: i
     return pts
 
 
-def _load_network(src: Path, files_dir: Path, architecture: dict[str, Any], map_location: Any) -> Any:
+def _load_network(
+    src: Path,
+    files_dir: Path,
+    architecture: dict[str, Any],
+    map_location: Any,
+    uncertainty: dict[str, Any] | None = None,
+) -> Any:
     """The network of ``architecture`` with the bundle's weights (keys, shapes, finiteness checked),
-    in eval mode on ``map_location``."""
+    in eval mode on ``map_location``; an ensemble or a network with head dropout when the bundle's
+    ``uncertainty`` says so."""
     import torch
 
-    from .networks import build_network
+    from .uncertainty import UncertaintySpec, build_uncertain_network
 
     state = load_state_dict_safely(files_dir / WEIGHTS, map_location=map_location)
 
     try:
-        network = build_network(architecture)
+        spec = UncertaintySpec.from_dict(uncertainty, f"{src}/{MODEL_JSON}: uncertainty")
+        network = build_uncertain_network(architecture, spec)
     except (InputError, KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{src}/{MODEL_JSON}: cannot build the network from 'architecture' ({e})") from None
     expected = network.state_dict()

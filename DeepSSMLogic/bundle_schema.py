@@ -21,6 +21,11 @@ DESCRIPTOR_KINDS = ("pca", "latent")
 VARIANTS = ("base", "tl")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PCA_ARRAYS = ("mean", "components", "eigenvalues", "score_mean", "score_std")
+UNCERTAINTY_METHODS = ("none", "mc-dropout", "ensemble")  # issue 13; see uncertainty.py
+UNCERTAINTY_VERSION = 1
+OOD_VERSION = 1
+OOD_COMPONENTS = ("descriptor_mahalanobis", "uncertainty_mm", "intensity", "registration")
+OOD_FEATURES = 9  # ood.FEATURE_NAMES
 
 
 def _show(value: Any) -> str:
@@ -93,6 +98,8 @@ def validate_meta(meta: dict[str, Any], where: str) -> None:
     _validate_normalizer(f, f.mapping(meta, "normalizer", "normalizer"))
     n = f.integer(f.get(meta, "n_particles", "n_particles"), "n_particles", 1, MAX_PARTICLES)
     _validate_pca(f, meta.get("pca"), n)
+    _validate_uncertainty(f, meta.get("uncertainty"))
+    _validate_ood(f, meta.get("ood"))
     files = f.mapping(meta, "files", "files")
     for name, digest in files.items():
         if not isinstance(digest, str) or not _HEX64.match(digest):
@@ -146,3 +153,62 @@ def _validate_pca(f: _Fields, pca: Any, n_particles: int) -> None:
     std = pca.get("score_std")
     if std is not None and not np.all(np.asarray(std, dtype=np.float64) > 0):
         f.fail("pca.score_std", "positive standard deviations", "a zero or negative value")
+
+
+def _validate_version(f: _Fields, obj: dict[str, Any], field: str, supported: int) -> None:
+    version = f.get(obj, f"{field}.version", "version")
+    f.integer(version, f"{field}.version", 1, 1_000_000)
+    if version > supported:
+        raise BundleError(
+            f"{f.where}: field '{field}.version' is {version}, newer than this software supports "
+            f"({supported}); update DeepSSM to load this bundle"
+        )
+
+
+def _validate_uncertainty(f: _Fields, unc: Any) -> None:
+    """``uncertainty`` (issue 13, optional: older bundles have none = no uncertainty)."""
+    if unc is None:
+        return
+    if not isinstance(unc, dict):
+        f.fail("uncertainty", "an object or null", unc)
+    _validate_version(f, unc, "uncertainty", UNCERTAINTY_VERSION)
+    method = unc.get("method")
+    if method not in UNCERTAINTY_METHODS:
+        f.fail("uncertainty.method", f"one of {list(UNCERTAINTY_METHODS)}", method)
+    if method == "none":
+        return
+    scale = f.number(f.get(unc, "uncertainty.scale", "scale"), "uncertainty.scale", positive=True)
+    del scale
+    if method == "mc-dropout":
+        rate = f.number(f.get(unc, "uncertainty.dropout", "dropout"), "uncertainty.dropout", positive=True)
+        if rate >= 1:
+            f.fail("uncertainty.dropout", "a rate in (0, 1)", rate)
+        f.integer(f.get(unc, "uncertainty.samples", "samples"), "uncertainty.samples", 2, 1000)
+    if method == "ensemble":
+        f.integer(f.get(unc, "uncertainty.members", "members"), "uncertainty.members", 2, 32)
+
+
+def _validate_ood(f: _Fields, cal: Any) -> None:
+    """``ood`` calibration (issue 13, optional: older bundles have none = no OOD flag)."""
+    if cal is None:
+        return
+    if not isinstance(cal, dict):
+        f.fail("ood", "an object or null", cal)
+    _validate_version(f, cal, "ood", OOD_VERSION)
+    f.number(f.get(cal, "ood.threshold", "threshold"), "ood.threshold", positive=True)
+    f.integer(f.get(cal, "ood.n_modes", "n_modes"), "ood.n_modes", 1, 3 * MAX_PARTICLES)
+    comps = f.mapping(cal, "ood.components", "components")
+    if not comps:
+        f.fail("ood.components", "at least one component", comps)
+    for name, ref in comps.items():
+        where = f"ood.components.{name}"
+        if name not in OOD_COMPONENTS:
+            f.fail("ood.components", f"components among {list(OOD_COMPONENTS)}", name)
+        if not isinstance(ref, dict):
+            f.fail(where, "an object", ref)
+        f.number(f.get(ref, f"{where}.median", "median"), f"{where}.median")
+        f.number(f.get(ref, f"{where}.scale", "scale"), f"{where}.scale", positive=True)
+        f.number(f.get(ref, f"{where}.p99", "p99"), f"{where}.p99")
+    inten = f.mapping(cal, "ood.intensity", "intensity")
+    f.vector(f.get(inten, "ood.intensity.mean", "mean"), "ood.intensity.mean", OOD_FEATURES)
+    f.vector(f.get(inten, "ood.intensity.std", "std"), "ood.intensity.std", OOD_FEATURES, positive=True)

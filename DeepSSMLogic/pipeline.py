@@ -230,6 +230,11 @@ class TrainingOptions:
     # that would land in the training targets.
     align: bool = False
     extra: dict[str, Any] | None = None  # further TrainConfig fields (e.g. lr, patience, ae_epochs)
+    # per-particle uncertainty (issue 13): "none" (the paper networks), "mc-dropout", "ensemble"
+    uncertainty: str = "none"
+    ensemble_size: int = 3
+    mc_dropout: float = 0.2
+    mc_samples: int = 30
 
 
 @dataclass
@@ -426,7 +431,7 @@ def train_model(
     )
     from .preprocess import IntensityNormalizer
     from .shape_model import ShapeModel
-    from .training import TrainConfig, train
+    from .training import TrainConfig
 
     opts = options or TrainingOptions()
     t0 = time.perf_counter()
@@ -545,17 +550,12 @@ def train_model(
         encoder=opts.encoder,
         n_modes=opts.n_modes,
     )
+    spec = uncertainty_spec(opts)
+    if spec.method == "mc-dropout":
+        fields["head_dropout"] = spec.dropout
     config = TrainConfig.from_dict(fields)
-    result = train(
-        config,
-        train_set,
-        val_set,
-        work / "training",
-        progress,
-        cancel,
-        resume=opts.resume,
-        shape_model=shape_model,
-        image_transform=normalizer,
+    result = _train_networks(
+        config, spec, train_set, val_set, work, opts, progress, cancel, shape_model, normalizer
     )
 
     summary: dict[str, Any] = {
@@ -582,9 +582,12 @@ def train_model(
         # the PCA the network decodes with: the first K modes and its score whitening
         k = int(result.architecture["n_modes"])
         bundle_sm = shape_model.truncated(k)
-        bundle_sm.score_mean = net.score_mean.detach().cpu().double().numpy()
-        bundle_sm.score_std = net.score_std.detach().cpu().double().numpy()
+        single = net.members[0] if hasattr(net, "members") else net  # ensemble members share the PCA
+        bundle_sm.score_mean = single.score_mean.detach().cpu().double().numpy()
+        bundle_sm.score_std = single.score_std.detach().cpu().double().numpy()
     summary["training_images_aligned"] = opts.align
+    calibration = _calibrate(net, spec, val_set, normalizer, reference, bundle_sm, arrays.images)
+    summary["calibration"] = calibration.summary
     template = template_mesh_for(train_subjects, mesh_particles, shape_model.mean, arrays.particles)
     summary["template_mesh"] = "closest-to-mean training mesh warped to the mean" if template else "none"
     path = save_bundle(
@@ -599,9 +602,88 @@ def train_model(
         summary,
         template_particles=template[1] if template else None,
         hyperparameters={"train_config": config.to_dict(), "options": _options_dict(opts)},
+        uncertainty=calibration.spec.to_dict(),
+        ood=calibration.ood.to_dict() if calibration.ood is not None else None,
     )
     release_group()
     return TrainOutcome(path, work, summary)
+
+
+def uncertainty_spec(opts: TrainingOptions) -> Any:
+    """The :class:`~DeepSSMLogic.uncertainty.UncertaintySpec` the options ask for (validated)."""
+    from .uncertainty import UncertaintySpec
+
+    spec = UncertaintySpec(
+        method=opts.uncertainty, dropout=opts.mc_dropout, samples=opts.mc_samples, members=opts.ensemble_size
+    )
+    spec.validate("--uncertainty options")
+    return spec
+
+
+def _train_networks(
+    config: Any,
+    spec: Any,
+    train_set: Any,
+    val_set: Any,
+    work: Path,
+    opts: TrainingOptions,
+    progress: ProgressCallback,
+    cancel: CancelToken | None,
+    shape_model: Any,
+    normalizer: Any,
+) -> Any:
+    """One network (``training.train``), or for an ensemble ``spec.members`` networks trained from
+    seeds ``seed, seed+1, ...`` on the same data (member k ≥ 1 in ``training/member-k``, each
+    resumable); the result's ``model`` is then an ``EnsembleDeepSSM``."""
+    import dataclasses
+
+    from .training import train
+
+    def one(cfg: Any, folder: Path) -> Any:
+        return train(
+            cfg,
+            train_set,
+            val_set,
+            folder,
+            progress,
+            cancel,
+            resume=opts.resume,
+            shape_model=shape_model,
+            image_transform=normalizer,
+        )
+
+    first = one(config, work / "training")
+    if spec.method != "ensemble":
+        return first
+    from .uncertainty import EnsembleDeepSSM
+
+    results = [first]
+    for k in range(1, spec.members):
+        cfg = dataclasses.replace(config, seed=config.seed + k)
+        results.append(one(cfg, work / "training" / f"member-{k}"))
+    first.model = EnsembleDeepSSM([r.model for r in results]).eval()
+    first.seconds = sum(r.seconds for r in results)
+    first.history = [h | {"member": k} for k, r in enumerate(results) for h in r.history]
+    return first
+
+
+def _calibrate(
+    net: Any, spec: Any, val_set: Any, normalizer: Any, reference: Any, shape_model: Any, images: np.ndarray
+) -> Any:
+    """Uncertainty scale and OOD calibration on the validation split (``calibration.calibrate_model``)."""
+    import SimpleITK as sitk
+
+    from .calibration import calibrate_model
+
+    return calibrate_model(
+        net,
+        spec,
+        val_set,
+        normalizer=normalizer,
+        reference=sitk.GetArrayFromImage(reference),
+        shape_model=shape_model,
+        train_images=images,
+    )
 
 
 def spacing_source(spacing: float | None, first: Any, downsample: float = 1.0) -> str:

@@ -68,6 +68,17 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     particles_model: np.ndarray | None = None
     source: str = ""
+    #: ``(M,)`` mm per particle (None: the bundle has no uncertainty); see ``uncertainty.py``
+    uncertainty: np.ndarray | None = None
+    uncertainty_method: str | None = None
+    #: ``{"score", "threshold", "flag", "reasons", "components"}`` (None: the bundle has no calibration)
+    ood: dict[str, Any] | None = None
+
+    def uncertainty_dict(self) -> dict[str, Any] | None:
+        if self.uncertainty is None:
+            return None
+        u = np.asarray(self.uncertainty, dtype=np.float64)
+        return {"per_particle_mm": u.tolist(), "mean_mm": float(u.mean()), "method": self.uncertainty_method}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +88,8 @@ class Prediction:
             "descriptor": np.asarray(self.descriptor, dtype=np.float64).tolist(),
             "alignment": self.alignment.to_dict(),
             "timings_s": {k: round(float(v), 6) for k, v in self.timings.items()},
+            "uncertainty": self.uncertainty_dict(),
+            "ood": self.ood,
         }
 
 
@@ -397,7 +410,7 @@ def register_to_reference(
 
 
 # -- batching with out-of-memory fallback -------------------------------------------------------------
-ForwardFn = Callable[[Any, Any], tuple[Any, Any]]
+ForwardFn = Callable[[Any, Any], tuple[Any, ...]]
 
 
 def run_batched(
@@ -405,25 +418,26 @@ def run_batched(
     inputs: np.ndarray,
     batch_size: int,
     device: Any,
-) -> tuple[np.ndarray, np.ndarray, Any]:
+) -> tuple[Any, ...]:
     """Run ``forward(x (B, 1, Z, Y, X) CPU tensor, device) -> (descriptor (B, K), particles (B, M, 3))``
     over ``inputs`` ``(N, 1, Z, Y, X)`` float32 in batches.
 
     A CUDA out-of-memory error halves the batch and retries; at batch 1 it falls back to the CPU
-    with a warning. Returns ``(descriptors (N, K), particles (N, M, 3), device finally used)``.
+    with a warning. Returns ``(descriptors (N, K), particles (N, M, 3), device finally used)``; a
+    ``forward`` with further outputs (the per-particle uncertainty ``(B, M)``) gets them concatenated
+    too, before the device: ``(descriptors, particles, uncertainty, device)``.
     """
     import torch
 
     device = torch.device(device)
     n = int(inputs.shape[0])
     bs = max(1, int(batch_size))
-    descs: list[np.ndarray] = []
-    parts: list[np.ndarray] = []
+    outputs: list[list[np.ndarray]] = []
     i = 0
     while i < n:
         x = torch.from_numpy(np.ascontiguousarray(inputs[i : i + bs]))
         try:
-            d, p = forward(x, device)
+            result = forward(x, device)
         except RuntimeError as err:
             if device.type == "cpu" or not is_out_of_memory(err):
                 raise
@@ -445,10 +459,12 @@ def run_batched(
             )
             device = torch.device("cpu")
             continue
-        descs.append(np.asarray(d.detach().float().cpu().numpy(), dtype=np.float64))
-        parts.append(np.asarray(p.detach().float().cpu().numpy(), dtype=np.float64))
+        if not outputs:
+            outputs = [[] for _ in result]
+        for store, t in zip(outputs, result, strict=True):
+            store.append(np.asarray(t.detach().float().cpu().numpy(), dtype=np.float64))
         i += x.shape[0]
-    return np.concatenate(descs), np.concatenate(parts), device
+    return (*(np.concatenate(o) for o in outputs), device)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -572,6 +588,7 @@ class Predictor:
         align: bool = True,
         registration: RegistrationSettings | None = None,
         channels_last: bool = True,
+        require_uncertainty: bool = False,
     ) -> None:
         import SimpleITK as sitk
         import torch
@@ -592,6 +609,45 @@ class Predictor:
         self._network_device = torch.device("cpu")
         self._move_network(self.device)
         self.forward: ForwardFn = self._network_forward
+        self._init_trust(require_uncertainty)
+
+    # -- uncertainty and out-of-distribution score (issue 13) -------------------------------------
+    def _init_trust(self, require_uncertainty: bool) -> None:
+        """What the bundle offers for judging a prediction: its uncertainty method and OOD calibration."""
+        import SimpleITK as sitk
+
+        self.uncertainty = self.bundle.uncertainty
+        if require_uncertainty and not self.uncertainty.enabled:
+            raise InputError(
+                f"{self.bundle.path}: this model has no per-particle uncertainty (it was trained with "
+                "--uncertainty none or before uncertainty existed); retrain it with --uncertainty "
+                "mc-dropout or ensemble, or predict without asking for uncertainty"
+            )
+        self.ood_calibration = self.bundle.ood_calibration
+        self._reference_x = self.normalizer(sitk.GetArrayFromImage(self._reference))
+
+    def image_components(self, raw: np.ndarray, x: np.ndarray) -> dict[str, float]:
+        """The image-side OOD components of one prepared image (``ood.image_components``): intensity
+        statistics of the resampled raw array, registration quality of the normalised one."""
+        from . import ood
+
+        return ood.image_components(
+            raw, x, self._reference_x, self.normalizer, self.ood_calibration.intensity
+        )
+
+    def assess_ood(
+        self, image_parts: dict[str, Any], particles_model: np.ndarray, uncertainty: np.ndarray | None
+    ) -> dict[str, Any] | None:
+        """The ``"ood"`` verdict of one prediction (None when the bundle has no calibration)."""
+        from . import ood
+
+        cal = self.ood_calibration
+        if cal is None or self.bundle.shape_model is None:
+            return None
+        values = image_parts | ood.prediction_components(
+            particles_model, uncertainty, self.bundle.shape_model, cal.n_modes
+        )
+        return cal.assess(values)
 
     # -- network ----------------------------------------------------------------------------------
     def _move_network(self, device: Any) -> Any:
@@ -611,6 +667,10 @@ class Predictor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), exact_fp32_convolutions(device):
+            if self.uncertainty.enabled:
+                from .uncertainty import predict_with_uncertainty
+
+                return predict_with_uncertainty(net, x, self.uncertainty)
             return net(x)
 
     # -- input handling ---------------------------------------------------------------------------
@@ -670,6 +730,13 @@ class Predictor:
         self, image: Any, name: str | None = None
     ) -> tuple[np.ndarray, Alignment, str, dict[str, float]]:
         """Load, check, align, resample and normalise: ``(Z, Y, X)`` float32 network input."""
+        x, alignment, label, timings, _ = self._prepare(image, name)
+        return x, alignment, label, timings
+
+    def _prepare(
+        self, image: Any, name: str | None = None
+    ) -> tuple[np.ndarray, Alignment, str, dict[str, float], dict[str, Any]]:
+        """:meth:`prepare` plus the image-side OOD inputs (:meth:`image_components`)."""
         from .preprocess import resample_to_grid
 
         t0 = time.perf_counter()
@@ -681,7 +748,19 @@ class Predictor:
         warn_if_outside_training_range(arr, self.normalizer, label)
         x = self.normalizer(arr)
         t3 = time.perf_counter()
-        return x, alignment, label, {"read_check": t1 - t0, "align": t2 - t1, "resample_normalise": t3 - t2}
+        parts = {}
+        if self.ood_calibration is not None:
+            # the intensity statistics see only the grid voxels inside the input (NaN outside)
+            raw = arr
+            if alignment.kind != "none":
+                raw = resample_to_grid(
+                    img, self.grid, transform=alignment.transform, default_value=float("nan")
+                )
+            parts = self.image_components(raw, x)
+        timings = {"read_check": t1 - t0, "align": t2 - t1, "resample_normalise": t3 - t2}
+        if parts:
+            timings["ood_inputs"] = time.perf_counter() - t3
+        return x, alignment, label, timings, parts
 
     # -- prediction -------------------------------------------------------------------------------
     def predict(self, image: Any, name: str | None = None) -> Prediction:
@@ -710,19 +789,22 @@ class Predictor:
             aligns: list[Alignment] = []
             labels: list[str] = []
             timings: list[dict[str, float]] = []
+            image_parts: list[dict[str, Any]] = []
             for j, i in enumerate(chunk):
                 if cancel is not None:
                     cancel.check()
-                x, al, label, t = self.prepare(images[i], names[i] if names else None)
+                x, al, label, t, ip = self._prepare(images[i], names[i] if names else None)
                 xs[j, 0] = x
                 aligns.append(al)
                 labels.append(label)
                 timings.append(t)
+                image_parts.append(ip)
                 progress(ProgressEvent("predict", i, n, f"prepared {Path(label).name}"))
             if cancel is not None:
                 cancel.check()
             t0 = time.perf_counter()
-            desc, parts, used = run_batched(self.forward, xs, bs, self.device)
+            desc, parts, *extra, used = run_batched(self.forward, xs, bs, self.device)
+            spread = extra[0] if extra else None
             t_fwd = (time.perf_counter() - t0) / len(chunk)
             self.device = used  # after a CPU fallback, stay on the CPU
             for j in range(len(chunk)):
@@ -734,6 +816,11 @@ class Predictor:
                 t1 = time.perf_counter()
                 p_in = apply_matrix(aligns[j].matrix, parts[j])
                 t = dict(timings[j], forward=t_fwd, map_back=time.perf_counter() - t1)
+                unc = self._particle_uncertainty(spread, j, labels[j], aligns[j])
+                t2 = time.perf_counter()
+                verdict = self.assess_ood(image_parts[j], parts[j], unc)
+                if verdict is not None:
+                    t["ood"] = time.perf_counter() - t2
                 t["total"] = float(sum(t.values()))
                 out.append(
                     Prediction(
@@ -744,7 +831,24 @@ class Predictor:
                         timings=t,
                         particles_model=parts[j],
                         source=labels[j],
+                        uncertainty=unc,
+                        uncertainty_method=self.uncertainty.method if unc is not None else None,
+                        ood=verdict,
                     )
                 )
         progress(ProgressEvent("predict", n, n, "done"))
         return out
+
+    def _particle_uncertainty(
+        self, spread: np.ndarray | None, j: int, label: str, alignment: Alignment
+    ) -> np.ndarray | None:
+        """Image ``j``'s per-particle uncertainty (mm) in the input's space (a rigid or similarity
+        alignment scales distances by its scale factor), checked finite and non-negative."""
+        if spread is None:
+            return None
+        from .uncertainty import check_uncertainty_values
+
+        u = np.asarray(spread[j], dtype=np.float64)
+        check_uncertainty_values(u, label)
+        scale = float(abs(np.linalg.det(np.asarray(alignment.matrix)[:3, :3])) ** (1.0 / 3.0))
+        return u * scale

@@ -91,6 +91,7 @@ class TrainConfig:
     num_workers: int = 0
     data_on_device: str = "auto"  # "auto" | "always" | "never"
     val_batch_size: int = 16
+    head_dropout: float = 0.0  # MC dropout in the FC head (uncertainty "mc-dropout"); 0: the paper network
 
     def validate(self) -> None:
         problems = []
@@ -115,6 +116,8 @@ class TrainConfig:
         for name in ("lr", "ae_lr", "focal_a", "focal_a_latent"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}: expected > 0, found {getattr(self, name)!r}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            problems.append(f"head_dropout: expected a rate in [0, 1), found {self.head_dropout!r}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay: expected ≥ 0, found {self.weight_decay}")
         if self.patience is not None and self.patience < 1:
@@ -709,6 +712,10 @@ def _train(
 
     torch.manual_seed(config.seed)
     model, _ = _build_model(config, train_data, shape_model)
+    if config.head_dropout > 0:
+        from .uncertainty import add_head_dropout
+
+        add_head_dropout(model, config.head_dropout)
     c = config.focal_c if config.focal_c is not None else focal_threshold(train_data.particles)
     focal: dict[str, float | None] = {"a": config.focal_a, "c": c, "a_latent": None, "c_latent": None}
     if config.variant == "tl":
@@ -728,7 +735,8 @@ def _train(
     dist.barrier()
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        saved = {"encoder": "paper"} | json.loads(ckpt["config"])  # checkpoints from before the field
+        # checkpoints from before these fields
+        saved = {"encoder": "paper", "head_dropout": 0.0} | json.loads(ckpt["config"])
         mine = config.to_dict()
         diff = sorted(
             k for k in set(saved) | set(mine) if k not in _RESUME_FREE_FIELDS and saved.get(k) != mine.get(k)

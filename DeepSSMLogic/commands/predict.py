@@ -1,8 +1,10 @@
 """``deepssm predict MODEL IMAGE... --out DIR``: particles (and optionally meshes) for new images.
 
 For each image ``<stem>``: ``<stem>.particles`` (ShapeWorks text, LPS mm, in the image's own
-physical space), ``<stem>.json`` (descriptor, alignment, timings) and with ``--mesh``
-``<stem>.vtk`` (the bundle's template mesh warped onto the predicted particles).
+physical space), ``<stem>.json`` (descriptor, alignment, timings, per-particle ``uncertainty`` and
+the ``ood`` verdict, each null when the bundle lacks it) and with ``--mesh`` ``<stem>.vtk`` (the
+bundle's template mesh warped onto the predicted particles, with the point array ``uncertainty_mm``
+when the bundle has uncertainty). Images flagged out of distribution get a ``WARNING`` line.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import InputError
 from . import add_device_option, add_overwrite_option, progress_bars
@@ -36,6 +40,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--similarity", action="store_true", help="allow isotropic scaling in the alignment (default rigid)"
     )
     parser.add_argument("--mesh", action="store_true", help="also write <stem>.vtk meshes")
+    parser.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="require per-particle uncertainty: refuse a model trained without it (it is written "
+        "whenever the model has it)",
+    )
     add_device_option(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-image lines")
@@ -69,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         align=not args.no_align,
         registration=RegistrationSettings(transform="similarity" if args.similarity else "rigid"),
+        require_uncertainty=args.uncertainty,
     )
     warper = None
     if args.mesh:
@@ -90,12 +101,46 @@ def run(args: argparse.Namespace) -> int:
         doc["model"] = str(args.model)
         doc["particles_file"] = f"{stem}.particles"
         if warper is not None:
-            io.write_mesh(warper.polydata(pred.particles), out / f"{stem}.vtk")
+            io.write_mesh(mesh_with_uncertainty(warper.polydata(pred.particles), pred), out / f"{stem}.vtk")
             doc["mesh_file"] = f"{stem}.vtk"
         atomic_write_json(out / f"{stem}.json", json.loads(json.dumps(doc)))
         if not args.quiet:
+            unc = (
+                f", mean uncertainty {float(pred.uncertainty.mean()):.2f} mm"
+                if pred.uncertainty is not None
+                else ""
+            )
             print(
-                f"{stem}: {pred.particles.shape[0]} particles, alignment {pred.alignment.kind} "
+                f"{stem}: {pred.particles.shape[0]} particles, alignment {pred.alignment.kind}{unc} "
                 f"({pred.timings.get('total', 0.0):.2f} s)"
             )
+        if pred.ood is not None and pred.ood["flag"]:
+            print(ood_warning(stem, pred.ood))
     return 0
+
+
+def ood_warning(stem: str, verdict: dict[str, Any]) -> str:
+    """The line printed for an image flagged out of distribution (always, even with --quiet)."""
+    why = "; ".join(verdict["reasons"]) or "combined score"
+    return (
+        f"WARNING {stem}: out of distribution (score {verdict['score']:.2f} > threshold "
+        f"{verdict['threshold']:.2f}): {why}; do not trust this prediction without checking it"
+    )
+
+
+def mesh_with_uncertainty(mesh: Any, pred: Any) -> Any:
+    """``mesh`` with the point array ``uncertainty_mm`` (the per-particle uncertainty interpolated
+    onto its vertices, ``mesh.interpolate_to_vertices``) when ``pred`` has uncertainty."""
+    if pred.uncertainty is None:
+        return mesh
+    from vtk.util import numpy_support as ns
+
+    from ..io import arrays_from_polydata
+    from ..mesh import interpolate_to_vertices
+
+    verts, _ = arrays_from_polydata(mesh)
+    values = interpolate_to_vertices(pred.particles, pred.uncertainty, verts)
+    arr = ns.numpy_to_vtk(np.ascontiguousarray(values, dtype=np.float64), deep=True)
+    arr.SetName("uncertainty_mm")
+    mesh.GetPointData().AddArray(arr)
+    return mesh

@@ -89,6 +89,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="image encoder: the paper's 5x5x5 conv stack (default) or a lighter 3x3x3 strided residual "
         "one for CPU training (same heads; always 'same' padding); see BENCHMARKS.md, time to accuracy",
     )
+    parser.add_argument(
+        "--uncertainty",
+        choices=("none", "mc-dropout", "ensemble"),
+        default="none",
+        help="per-particle uncertainty: none (the paper networks, default), mc-dropout (dropout in the FC "
+        "head, --mc-samples passes at prediction) or ensemble (--ensemble-size networks in the bundle, "
+        "that many times the training); see BENCHMARKS.md, uncertainty",
+    )
+    parser.add_argument("--ensemble-size", type=int, default=3, help="networks of an ensemble (default 3)")
+    parser.add_argument("--mc-dropout", type=float, default=0.2, help="MC dropout rate (default 0.2)")
+    parser.add_argument("--mc-samples", type=int, default=30, help="MC dropout passes (default 30)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of the pool")
     parser.add_argument("--n-modes", type=int, help="PCA modes (Base; default: 99%% of the variance)")
     parser.add_argument(
@@ -155,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         n_modes=args.n_modes,
         extra=extra,
+        uncertainty=args.uncertainty,
+        ensemble_size=args.ensemble_size,
+        mc_dropout=args.mc_dropout,
+        mc_samples=args.mc_samples,
     )
     with progress_bars(disable=args.quiet or not _is_rank0()) as report:
         outcome = train_model(cohort, args.out, options, report, work_dir=args.work_dir)
