@@ -673,7 +673,7 @@ def _calibrate(
     """Uncertainty scale and OOD calibration on the validation split (``calibration.calibrate_model``)."""
     import SimpleITK as sitk
 
-    from .calibration import calibrate_model
+    from .trust_calibration import calibrate_model
 
     return calibrate_model(
         net,

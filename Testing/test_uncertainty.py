@@ -14,12 +14,12 @@ from helpers_predict import make_tiny_bundle, phantom_image, tiny_bundle_parts
 
 from DeepSSMLogic import io
 from DeepSSMLogic.bundle import load_bundle, read_bundle_meta, save_bundle
-from DeepSSMLogic.calibration import calibrate_model
 from DeepSSMLogic.cli import main
 from DeepSSMLogic.errors import BundleError, InputError
 from DeepSSMLogic.ood import IntensityReference, OODCalibration, calibrate
 from DeepSSMLogic.predict import Predictor
 from DeepSSMLogic.preprocess import resample_to_grid
+from DeepSSMLogic.trust_calibration import calibrate_model
 from DeepSSMLogic.uncertainty import (
     EnsembleDeepSSM,
     NonFiniteUncertaintyError,
@@ -313,6 +313,17 @@ def test_train_mc_dropout_then_predict_mesh_end_to_end(tmp_path, capsys):
     assert arr is not None and arr.GetNumberOfTuples() == mesh.GetNumberOfPoints()
     doc = json.loads((tmp_path / "p" / f"{stem}.json").read_text())
     assert len(doc["uncertainty"]["per_particle_mm"]) == 64 and doc["uncertainty"]["method"] == "mc-dropout"
+
+    # the real bundle's uncertainty and OOD verdicts reach deepssm evaluate (not only fabricated ones)
+    rc = main(["evaluate", str(model), str(csv), "--out", str(tmp_path / "eval"), "--no-align", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    cal, ood_rate = metrics["calibration"], metrics["ood"]
+    assert cal["available"] and ood_rate["available"]
+    assert ood_rate["n_checked"] == metrics["n_subjects"] and ood_rate["n_unchecked"] == 0
+    per_subject = cal["particle_spearman_per_subject"]["values"]
+    assert set(per_subject) == {s["id"] for s in metrics["subjects"]}
+    assert -1.0 <= cal["particle_spearman_pooled"]["rho"] <= 1.0
 
 
 def test_one_validation_sample_gives_no_ood_calibration():
