@@ -35,6 +35,7 @@ class DemoSettings:
     batch_size: int = 8
     loss: str = "l2"
     variant: str = "base"
+    encoder: str = "light"
     seed: int = 0
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +99,7 @@ def run_demo(
         seed=s.seed,
         spacing=s.grid_spacing,
         conv_padding="same",
+        encoder=s.encoder,
         restart=True,  # the demo folder is the demo's own: a rerun starts over
         extra=dict(s.extra),
     )
