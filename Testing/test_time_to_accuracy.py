@@ -31,7 +31,7 @@ def test_forward_flops_counts_conv_and_linear_multiply_adds():
 @pytest.mark.slow  # trains three tiny networks: ~20 s idle
 def test_quick_run_writes_a_consistent_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "tta"
-    assert tta.main(["--quick", "--out", str(out)]) == 0
+    assert tta.main(["--quick", "--out", str(out), "--paper-epochs", "3"]) == 0
     table = capsys.readouterr().out
     res = json.loads((out / "time_to_accuracy.json").read_text())
     assert res["complete"] and (out / "time_to_accuracy.png").stat().st_size > 1000
@@ -43,12 +43,17 @@ def test_quick_run_writes_a_consistent_table_json_and_plot(tmp_path, capsys):
     assert ds["target_rmse_mm"] == pytest.approx(1.05 * ds["reference_rmse_mm"])
     assert rows["paper"]["speedup_to_target_vs_paper"] == 1.0
     for name, r in rows.items():
-        assert len(r["curve"]) == r["epochs"] == 2 * (3 if name == "light-x3" else 1)
+        # the reference (paper) runs its own --paper-epochs, the candidates --epochs × their factor
+        assert len(r["curve"]) == r["epochs"] == {"paper": 3, "light": 2, "light-x3": 6}[name]
         seconds = [p["seconds"] for p in r["curve"]]
         assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(r["train_seconds"])
+        cpu = [p["cpu_seconds"] for p in r["curve"]]
+        assert cpu == sorted(cpu) and cpu[0] > 0 and cpu[-1] == r["cpu_seconds"]
         assert r["final_rmse_mm"] == r["curve"][-1]["heldout_rmse_mm"]
         reached = [p["seconds"] for p in r["curve"] if p["heldout_rmse_mm"] <= ds["target_rmse_mm"]]
         assert r["time_to_target_s"] == (reached[0] if reached else None)
+        reached_cpu = [p["cpu_seconds"] for p in r["curve"] if p["heldout_rmse_mm"] <= ds["target_rmse_mm"]]
+        assert r["cpu_to_target_s"] == (reached_cpu[0] if reached_cpu else None)
         assert r["checkpoint_mb"] > 0 and r["bundle_mb"] > 0
         assert f"| {name} |" in table and f"{r['parameters']:,}" in table
     # the light encoder is what it claims: fewer parameters and FLOPs, a smaller bundle

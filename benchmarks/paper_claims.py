@@ -111,6 +111,7 @@ def run_family(family: str, args: argparse.Namespace, out: Path) -> dict[str, An
                     batch_size=args.batch_size,
                     device=args.device,
                     seed=args.seed,
+                    encoder="paper",  # the paper's network, whatever `deepssm train` defaults to
                     extra=extra,
                 ),
             )
