@@ -93,6 +93,7 @@ def validate_meta(meta: dict[str, Any], where: str) -> None:
     _validate_normalizer(f, f.mapping(meta, "normalizer", "normalizer"))
     n = f.integer(f.get(meta, "n_particles", "n_particles"), "n_particles", 1, MAX_PARTICLES)
     _validate_pca(f, meta.get("pca"), n)
+    _validate_weights(f, f.mapping(meta, "weights", "weights", optional=True), meta.get("schema_version"))
     files = f.mapping(meta, "files", "files")
     for name, digest in files.items():
         if not isinstance(digest, str) or not _HEX64.match(digest):
@@ -146,3 +147,20 @@ def _validate_pca(f: _Fields, pca: Any, n_particles: int) -> None:
     std = pca.get("score_std")
     if std is not None and not np.all(np.asarray(std, dtype=np.float64) > 0):
         f.fail("pca.score_std", "positive standard deviations", "a zero or negative value")
+
+
+WEIGHTS_STORAGE = ("float32", "float16")
+
+
+def _validate_weights(f: _Fields, weights: dict[str, Any], schema_version: Any) -> None:
+    """The optional ``weights`` section (schema 2): how ``weights.pt`` stores its tensors."""
+    if not weights:
+        return
+    storage = weights.get("storage")
+    if storage not in WEIGHTS_STORAGE:
+        f.fail("weights.storage", f"one of {list(WEIGHTS_STORAGE)}", storage)
+    if storage == "float16" and not (isinstance(schema_version, int) and schema_version >= 2):
+        f.fail("schema_version", "2 or later for float16 weights", schema_version)
+    for key in ("probe_max_change_mm", "probe_mean_change_mm", "tolerance_mm"):
+        if key in weights and f.number(weights[key], f"weights.{key}") < 0:
+            f.fail(f"weights.{key}", "a distance ≥ 0 mm", weights[key])

@@ -230,6 +230,9 @@ class TrainingOptions:
     # that would land in the training targets.
     align: bool = False
     extra: dict[str, Any] | None = None  # further TrainConfig fields (e.g. lr, patience, ae_epochs)
+    # "float16": the image encoder's large tensors stored as float16 when that moves no predicted
+    # particle of the reference image by more than 0.01 mm (bundle.half_precision_weights); loaded as float32
+    bundle_weights: str = "float16"
 
 
 @dataclass
@@ -599,6 +602,7 @@ def train_model(
         summary,
         template_particles=template[1] if template else None,
         hyperparameters={"train_config": config.to_dict(), "options": _options_dict(opts)},
+        weights_dtype=opts.bundle_weights,
     )
     release_group()
     return TrainOutcome(path, work, summary)

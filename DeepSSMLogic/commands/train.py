@@ -89,6 +89,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="image encoder: the paper's 5x5x5 conv stack (default) or a lighter 3x3x3 strided residual "
         "one for CPU training (same heads; always 'same' padding); see BENCHMARKS.md, time to accuracy",
     )
+    parser.add_argument(
+        "--bundle-weights",
+        choices=("float16", "float32"),
+        default="float16",
+        help="how the bundle stores the image encoder's weights (default float16: half the size; kept "
+        "float32 when that would move a predicted particle by more than 0.01 mm); they load as float32",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of the pool")
     parser.add_argument("--n-modes", type=int, help="PCA modes (Base; default: 99%% of the variance)")
     parser.add_argument(
@@ -155,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         n_modes=args.n_modes,
         extra=extra,
+        bundle_weights=args.bundle_weights,
     )
     with progress_bars(disable=args.quiet or not _is_rank0()) as report:
         outcome = train_model(cohort, args.out, options, report, work_dir=args.work_dir)
