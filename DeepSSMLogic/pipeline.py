@@ -11,6 +11,7 @@ SimpleITK is imported lazily (through ``io`` / ``preprocess``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,102 @@ def reference_grid(
         origin = np.asarray(grid.origin) - (new_size - size) * sp / 2.0
         grid = Grid(tuple(origin.tolist()), grid.spacing, tuple(int(s) for s in new_size))
     return grid
+
+
+# -- the automatic default spacing ------------------------------------------------------------------
+CPU_VOXEL_BUDGET = 48**3
+CUDA_VOXEL_BUDGET = 128**3
+MAX_AUTO_COARSENING = 4.0  # the paper's downsampling range (1-4): a frame mix-up still meets the size check
+SPACING_STEP_MM = 0.05  # automatic spacings are rounded up to a multiple of this
+
+
+def default_voxel_budget(device: str) -> tuple[int, str]:
+    """``(voxels, device kind)``: the automatic grid's budget for training on ``device`` ("auto",
+    "cpu", "cuda", "cuda:N"): :data:`CPU_VOXEL_BUDGET` on a CPU (BENCHMARKS.md, grid budget),
+    :data:`CUDA_VOXEL_BUDGET` on a GPU (the paper's 118×69×88 grids stay at full resolution)."""
+    kind = "cpu" if device == "cpu" else "cuda" if device.startswith("cuda") else None
+    if kind is None:
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return (CUDA_VOXEL_BUDGET if kind == "cuda" else CPU_VOXEL_BUDGET), kind
+
+
+def _bounding_size(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    return np.ceil(extent / spacing).astype(np.int64) + 1  # as Grid.bounding
+
+
+def _cube(voxels: int) -> str:
+    n = round(voxels ** (1 / 3))
+    return f"{n}³" if n**3 == voxels else f"{voxels} voxels"
+
+
+def auto_grid_spacing(
+    particles: np.ndarray, image_spacing: Sequence[float], margin_mm: float, max_voxels: int
+) -> tuple[tuple[float, float, float], str]:
+    """``(spacing x, y, z mm, reason)``: the images' own spacing when the particles' bounding box
+    plus ``margin_mm`` fits ``max_voxels`` at it; otherwise the finest isotropic spacing (a multiple
+    of 0.05 mm, never finer than the images' on any axis, at most 4× their coarsest axis) whose
+    grid fits."""
+    pts = np.asarray(particles, dtype=np.float64).reshape(-1, 3)
+    img = np.broadcast_to(np.asarray(image_spacing, dtype=np.float64), (3,))
+    extent = pts.max(axis=0) - pts.min(axis=0) + 2.0 * margin_mm
+    box = "×".join(f"{e:.0f}" for e in extent)
+    size_img = _bounding_size(extent, img)
+    shown_img = "×".join(str(int(v)) for v in size_img)
+    img_text = ", ".join(f"{v:g}" for v in img) if len(set(img.tolist())) > 1 else f"{img[0]:g}"
+    if int(np.prod(size_img)) <= max_voxels:
+        return tuple(float(v) for v in img), (
+            f"the images' spacing {img_text} mm: a {box} mm anatomy (particles' box + {margin_mm:g} mm "
+            f"margin) gives a {shown_img} grid, within the {_cube(max_voxels)} voxel budget"
+        )
+    limit = MAX_AUTO_COARSENING * float(img.max())
+    step = SPACING_STEP_MM
+    s = max(float(np.cbrt(np.prod(extent) / max_voxels)), float(img.min()))
+    s = math.ceil(s / step - 1e-9) * step
+    while s < limit and int(np.prod(_bounding_size(extent, np.maximum(s, img)))) > max_voxels:
+        s += step
+    s = min(s, limit)
+    sp = np.maximum(round(s, 6), img)
+    size = _bounding_size(extent, sp)
+    shown = "×".join(str(int(v)) for v in size)
+    sp_text = ", ".join(f"{v:g}" for v in sp) if len(set(sp.tolist())) > 1 else f"{sp[0]:g}"
+    over = (
+        ""
+        if int(np.prod(size)) <= max_voxels
+        else f" (over the budget: coarsening stops at {MAX_AUTO_COARSENING:g}×)"
+    )
+    return tuple(float(v) for v in sp), (
+        f"spacing {sp_text} mm chosen from a {box} mm anatomy (particles' box + {margin_mm:g} mm margin) "
+        f"for the {_cube(max_voxels)} voxel budget: grid {shown}{over}; the images' {img_text} mm "
+        f"would give {shown_img}; set --spacing to choose"
+    )
+
+
+def resolve_spacing(
+    opts: TrainingOptions, particles: np.ndarray, first: Any
+) -> tuple[float | tuple[float, float, float], dict[str, Any]]:
+    """The grid spacing before ``opts.downsample`` and how it was chosen (``{"source", "reason",
+    ...}`` for the training summary): ``opts.spacing`` mm when given; the first training image's
+    spacing for ``"image"`` or with a ``downsample`` factor; else :func:`auto_grid_spacing` for
+    ``opts.voxel_budget`` (default: :func:`default_voxel_budget` of ``opts.device``)."""
+    from . import io
+
+    if isinstance(opts.spacing, int | float) and not isinstance(opts.spacing, bool):
+        return float(opts.spacing), {"source": "--spacing", "reason": f"--spacing {opts.spacing:g} mm"}
+    if opts.spacing not in (None, "auto", "image"):
+        raise InputError(f"--spacing: expected a number of mm, 'auto' or 'image', found {opts.spacing!r}")
+    image_spacing = tuple(float(v) for v in io.read_image(first.image).GetSpacing())
+    if opts.spacing == "image" or opts.downsample != 1.0:
+        why = "--spacing image" if opts.spacing == "image" else f"--downsample {opts.downsample:g}"
+        return image_spacing, {"source": "image", "reason": f"the images' spacing ({why})"}
+    budget, kind = default_voxel_budget(opts.device)
+    if opts.voxel_budget is not None:
+        if not int(opts.voxel_budget) >= 1:
+            raise InputError(f"voxel budget: expected a positive number of voxels, found {opts.voxel_budget}")
+        budget, kind = int(opts.voxel_budget), "given"
+    spacing, reason = auto_grid_spacing(particles, image_spacing, opts.margin_mm, budget)
+    return spacing, {"source": "auto", "reason": reason, "voxel_budget": budget, "budget_for": kind}
 
 
 def _subject_field(subject: Any, name: str) -> Any:
@@ -199,7 +296,9 @@ def _sitk_view(image: Any) -> np.ndarray:
 class TrainingOptions:
     """What ``deepssm train`` exposes; everything else comes from ``training.TrainConfig`` defaults.
 
-    ``spacing`` mm (None: the first training image's spacing); ``downsample`` multiplies it;
+    ``spacing`` mm, or None / "auto": chosen from the anatomy's size for a voxel budget
+    (:func:`resolve_spacing`), or "image": the first training image's; ``downsample`` multiplies it
+    (and, without a spacing, starts from the image's);
     ``augment`` number of offline augmented samples (0: none); ``augment_online`` warps fresh
     samples every epoch instead; ``val_fraction`` of the training pool (real + augmented) held out
     for validation (the cohort's own ``val`` subjects are added to it).
@@ -217,7 +316,8 @@ class TrainingOptions:
     resume: bool = False
     restart: bool = False  # discard an existing checkpoint (without it, one is refused unless resume)
     overwrite: bool = False  # replace a file at ``out`` that is not a bundle (a folder never)
-    spacing: float | None = None
+    spacing: float | str | None = None  # mm, None / "auto" (from the anatomy's size) or "image"
+    voxel_budget: int | None = None  # automatic spacing's budget (None: 48³ on a CPU, 128³ on CUDA)
     downsample: float = 1.0
     margin_mm: float = 10.0
     conv_padding: str = "auto"  # "auto": "valid" (the paper) when the grid allows it, else "same"
@@ -419,7 +519,6 @@ def train_model(
     """
     import time
 
-    from . import io
     from .bundle import save_bundle
     from .cohort import (
         Cohort,
@@ -429,7 +528,7 @@ def train_model(
     )
     from .preprocess import IntensityNormalizer
     from .shape_model import ShapeModel
-    from .training import TrainConfig, train
+    from .training import TrainConfig, peak_memory, train
 
     opts = options or TrainingOptions()
     t0 = time.perf_counter()
@@ -451,16 +550,14 @@ def train_model(
 
     # -- geometry and arrays (in the cohort's training frame: ShapeWorks' world frame when it has one)
     particles = np.stack([subject_particles(s) for s in train_subjects])
-    spacing = opts.spacing
-    if spacing is None:
-        spacing = tuple(float(v) for v in io.read_image(train_subjects[0].image).GetSpacing())
+    spacing, spacing_info = resolve_spacing(opts, particles, train_subjects[0])
     grid = reference_grid(
         particles,
         spacing,
         opts.margin_mm,
         downsample=opts.downsample,
         ids=[s.id for s in train_subjects],
-        spacing_source=spacing_source(opts.spacing, train_subjects[0], opts.downsample),
+        spacing_source=spacing_source(opts.spacing, train_subjects[0], opts.downsample, spacing_info),
     )
     check_training_outputs(out, work, opts, grid, particles.shape[1])
     padding = choose_conv_padding(grid, opts.conv_padding, opts.encoder)
@@ -573,6 +670,9 @@ def train_model(
         "frame": {"name": cohort.frame, "reason": cohort.frame_reason},
         "excluded_subjects": list(cohort.excluded),
         "world_size": world,
+        "grid": {**spacing_info, "spacing_mm": list(grid.spacing), "size": list(grid.size)},
+        # the whole run's peak (reading, augmentation, training); the trainer's own is in peak_memory
+        "peak_rss_mb_total": peak_memory()["rss_mb"],
         "seconds_total": time.perf_counter() - t0,
     }
     if rank != 0:
@@ -608,9 +708,17 @@ def train_model(
     return TrainOutcome(path, work, summary)
 
 
-def spacing_source(spacing: float | None, first: Any, downsample: float = 1.0) -> str:
-    """Where the grid spacing came from, for messages: ``--spacing`` or the first training image."""
-    src = "--spacing" if spacing is not None else f"the image of {first.id!r} ({first.image}); set --spacing"
+def spacing_source(
+    spacing: float | str | None, first: Any, downsample: float = 1.0, info: dict[str, Any] | None = None
+) -> str:
+    """Where the grid spacing came from, for messages: ``--spacing``, the first training image, or
+    the automatic choice (``info`` from :func:`resolve_spacing`)."""
+    if info is not None and info.get("source") == "auto":
+        src = f"the automatic choice for a {info['voxel_budget']} voxel budget; set --spacing"
+    elif isinstance(spacing, int | float):
+        src = "--spacing"
+    else:
+        src = f"the image of {first.id!r} ({first.image}); set --spacing"
     return src + (f", times --downsample {downsample:g}" if downsample != 1.0 else "")
 
 

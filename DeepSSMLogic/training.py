@@ -22,6 +22,8 @@ import json
 import math
 import os
 import random
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -175,10 +177,12 @@ class TrainResult:
     focal: dict[str, float | None]
     stopped_early: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
+    peak_memory: dict[str, float | None] = field(default_factory=dict)  # see :func:`peak_memory`
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary for ``model.json``."""
         return {
+            "peak_memory": self.peak_memory,
             "config": self.config.to_dict(),
             "best_epoch": self.best_epoch,
             "best_val_rmse_mm": self.best_val_rmse_mm,
@@ -187,6 +191,19 @@ class TrainResult:
             "epochs_run": len(self.history),
             "seconds": self.seconds,
         }
+
+
+def peak_memory(device: torch.device | str | None = None) -> dict[str, float | None]:
+    """``{"rss_mb": …, "cuda_max_allocated_mb": …}``: this process's peak resident set size so far
+    (``ru_maxrss``, MiB; the process's whole life, not only training) and, on a CUDA ``device``,
+    ``torch.cuda.max_memory_allocated`` (MiB; None elsewhere)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux
+    cuda = None
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        cuda = torch.cuda.max_memory_allocated(dev) / 2**20
+    return {"rss_mb": round(rss_mb, 1), "cuda_max_allocated_mb": None if cuda is None else round(cuda, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,6 +866,7 @@ def _train(
                 "lr": lr,
                 "seconds": time.perf_counter() - t0,
                 "best": improved,
+                "peak_rss_mb": peak_memory(device)["rss_mb"],
             }
             history.append(record)
             last = stopped or epoch + 1 == stage.epochs
@@ -905,4 +923,5 @@ def _train(
         best_val_rmse_mm=best_rmse,
         focal=focal,
         stopped_early=stopped_early,
+        peak_memory=peak_memory(device),
     )
