@@ -11,7 +11,6 @@ SimpleITK is imported lazily (through ``io`` / ``preprocess``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ValidationError
-from .geometry import MAX_GRID_VOXELS, Grid, grid_size_problem
+from .geometry import CPU_VOXEL_BUDGET, MAX_GRID_VOXELS, Grid, auto_grid_spacing, grid_size_problem
 from .progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
 
 
@@ -87,10 +86,7 @@ def reference_grid(
 
 
 # -- the automatic default spacing ------------------------------------------------------------------
-CPU_VOXEL_BUDGET = 48**3
 CUDA_VOXEL_BUDGET = 128**3
-MAX_AUTO_COARSENING = 4.0  # the paper's downsampling range (1-4): a frame mix-up still meets the size check
-SPACING_STEP_MM = 0.05  # automatic spacings are rounded up to a multiple of this
 
 
 def default_voxel_budget(device: str) -> tuple[int, str]:
@@ -105,64 +101,15 @@ def default_voxel_budget(device: str) -> tuple[int, str]:
     return (CUDA_VOXEL_BUDGET if kind == "cuda" else CPU_VOXEL_BUDGET), kind
 
 
-def _bounding_size(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    return np.ceil(extent / spacing).astype(np.int64) + 1  # as Grid.bounding
-
-
-def _cube(voxels: int) -> str:
-    n = round(voxels ** (1 / 3))
-    return f"{n}³" if n**3 == voxels else f"{voxels} voxels"
-
-
-def auto_grid_spacing(
-    particles: np.ndarray, image_spacing: Sequence[float], margin_mm: float, max_voxels: int
-) -> tuple[tuple[float, float, float], str]:
-    """``(spacing x, y, z mm, reason)``: the images' own spacing when the particles' bounding box
-    plus ``margin_mm`` fits ``max_voxels`` at it; otherwise the finest isotropic spacing (a multiple
-    of 0.05 mm, never finer than the images' on any axis, at most 4× their coarsest axis) whose
-    grid fits."""
-    pts = np.asarray(particles, dtype=np.float64).reshape(-1, 3)
-    img = np.broadcast_to(np.asarray(image_spacing, dtype=np.float64), (3,))
-    extent = pts.max(axis=0) - pts.min(axis=0) + 2.0 * margin_mm
-    box = "×".join(f"{e:.0f}" for e in extent)
-    size_img = _bounding_size(extent, img)
-    shown_img = "×".join(str(int(v)) for v in size_img)
-    img_text = ", ".join(f"{v:g}" for v in img) if len(set(img.tolist())) > 1 else f"{img[0]:g}"
-    if int(np.prod(size_img)) <= max_voxels:
-        return tuple(float(v) for v in img), (
-            f"the images' spacing {img_text} mm: a {box} mm anatomy (particles' box + {margin_mm:g} mm "
-            f"margin) gives a {shown_img} grid, within the {_cube(max_voxels)} voxel budget"
-        )
-    limit = MAX_AUTO_COARSENING * float(img.max())
-    step = SPACING_STEP_MM
-    s = max(float(np.cbrt(np.prod(extent) / max_voxels)), float(img.min()))
-    s = math.ceil(s / step - 1e-9) * step
-    while s < limit and int(np.prod(_bounding_size(extent, np.maximum(s, img)))) > max_voxels:
-        s += step
-    s = min(s, limit)
-    sp = np.maximum(round(s, 6), img)
-    size = _bounding_size(extent, sp)
-    shown = "×".join(str(int(v)) for v in size)
-    sp_text = ", ".join(f"{v:g}" for v in sp) if len(set(sp.tolist())) > 1 else f"{sp[0]:g}"
-    over = (
-        ""
-        if int(np.prod(size)) <= max_voxels
-        else f" (over the budget: coarsening stops at {MAX_AUTO_COARSENING:g}×)"
-    )
-    return tuple(float(v) for v in sp), (
-        f"spacing {sp_text} mm chosen from a {box} mm anatomy (particles' box + {margin_mm:g} mm margin) "
-        f"for the {_cube(max_voxels)} voxel budget: grid {shown}{over}; the images' {img_text} mm "
-        f"would give {shown_img}; set --spacing to choose"
-    )
-
-
 def resolve_spacing(
-    opts: TrainingOptions, particles: np.ndarray, first: Any
+    opts: TrainingOptions, particles: np.ndarray, first: Any, ids: Sequence[str] | None = None
 ) -> tuple[float | tuple[float, float, float], dict[str, Any]]:
     """The grid spacing before ``opts.downsample`` and how it was chosen (``{"source", "reason",
     ...}`` for the training summary): ``opts.spacing`` mm when given; the first training image's
     spacing for ``"image"`` or with a ``downsample`` factor; else :func:`auto_grid_spacing` for
-    ``opts.voxel_budget`` (default: :func:`default_voxel_budget` of ``opts.device``)."""
+    ``opts.voxel_budget`` (default: :func:`default_voxel_budget` of ``opts.device``), after the grid
+    at the images' spacing passed :func:`~DeepSSMLogic.geometry.grid_size_problem` (subjects in
+    different frames are refused as before, not hidden by a coarse spacing; ``ids`` name them)."""
     from . import io
 
     if isinstance(opts.spacing, int | float) and not isinstance(opts.spacing, bool):
@@ -178,6 +125,10 @@ def resolve_spacing(
         if not int(opts.voxel_budget) >= 1:
             raise InputError(f"voxel budget: expected a positive number of voxels, found {opts.voxel_budget}")
         budget, kind = int(opts.voxel_budget), "given"
+    source = spacing_source(None, first) + " (checked before the automatic choice)"
+    problem = grid_size_problem(particles, image_spacing, opts.margin_mm, ids, source)
+    if problem:
+        raise InputError(problem)
     spacing, reason = auto_grid_spacing(particles, image_spacing, opts.margin_mm, budget)
     return spacing, {"source": "auto", "reason": reason, "voxel_budget": budget, "budget_for": kind}
 
@@ -550,7 +501,9 @@ def train_model(
 
     # -- geometry and arrays (in the cohort's training frame: ShapeWorks' world frame when it has one)
     particles = np.stack([subject_particles(s) for s in train_subjects])
-    spacing, spacing_info = resolve_spacing(opts, particles, train_subjects[0])
+    spacing, spacing_info = resolve_spacing(
+        opts, particles, train_subjects[0], [s.id for s in train_subjects]
+    )
     grid = reference_grid(
         particles,
         spacing,

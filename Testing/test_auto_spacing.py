@@ -62,19 +62,15 @@ def test_never_finer_than_the_images_on_any_axis():
     assert _voxels(pts, spacing) <= 48**3
 
 
-def test_coarsening_stops_at_4x_so_a_frame_mix_up_is_still_refused():
+def test_a_frame_mix_up_is_refused_not_hidden_by_a_coarse_spacing(tmp_path):
     pts = _box((100, 80, 120))
     pts[1] += 5000.0  # one subject metres away (local particles without their transforms)
-    spacing, reason = auto_grid_spacing(pts, (1.0, 1.0, 1.0), 10.0, 48**3)
-    assert spacing == (4.0, 4.0, 4.0) and "over the budget" in reason
-    with pytest.raises(InputError, match=r"reference grid too large.*automatic choice"):
-        reference_grid(pts, spacing, 10.0, spacing_source="the automatic choice for a 110592 voxel budget")
-
-
-def test_coarsening_stops_at_4x_the_images_spacing():
-    pts = _box((100, 80, 120))
-    spacing, reason = auto_grid_spacing(pts, (0.5, 0.5, 0.5), 10.0, 48**3)
-    assert spacing == (2.0, 2.0, 2.0) and "grid 61×51×71 (over the budget: coarsening stops at 4×)" in reason
+    with pytest.raises(
+        InputError, match=r"reference grid too large.*subject 's1'.*checked before the automatic"
+    ):
+        resolve_spacing(
+            TrainingOptions(device="cpu"), pts, _first_subject(tmp_path, (1.0, 1.0, 1.0)), ["s0", "s1", "s2"]
+        )
 
 
 def test_the_budget_depends_on_the_device():

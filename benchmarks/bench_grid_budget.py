@@ -26,7 +26,7 @@ from DeepSSMLogic.losses import correspondence_l2
 from DeepSSMLogic.networks import BaseDeepSSM, count_parameters
 
 
-def seconds_per_sample(encoder: str, n: int, batch: int, steps: int) -> tuple[float, int]:
+def seconds_per_sample(encoder: str, n: int, batch: int, steps: int, bf16: bool = False) -> tuple[float, int]:
     torch.manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(3 * 512, 20, dtype=torch.float64))
     net = BaseDeepSSM(
@@ -47,7 +47,8 @@ def seconds_per_sample(encoder: str, n: int, batch: int, steps: int) -> tuple[fl
     net.train()
 
     def step() -> None:
-        loss = correspondence_l2(net(x)[1], target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = correspondence_l2(net(x)[1], target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -62,18 +63,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=("fp32", "bf16"),
+        help="bf16: CPU autocast (AVX512-BF16/AMX)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}"
     )
-    print("\n| encoder | grid | voxels | parameters | s / sample | epoch of 200 samples (s) |")
-    print("|---|---|---:|---:|---:|---:|")
+    flags = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
+    print(
+        f"CPU bf16 flags: {sorted(flags & {'avx512_bf16', 'amx_bf16', 'amx_tile'}) or 'none'}; "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+    print("\n| encoder | grid | voxels | parameters | precision | s / sample | epoch of 200 samples (s) |")
+    print("|---|---|---:|---:|---|---:|---:|")
     for enc in args.encoders:
         for n in args.sizes:
-            t, params = seconds_per_sample(enc, n, args.batch, args.steps)
-            print(f"| {enc} | {n}³ | {n**3} | {params} | {t:.3f} | {200 * t:.0f} |", flush=True)
+            for prec in args.precision:  # interleaved: the load drifts less between the two
+                t, params = seconds_per_sample(enc, n, args.batch, args.steps, prec == "bf16")
+                print(f"| {enc} | {n}³ | {n**3} | {params} | {prec} | {t:.3f} | {200 * t:.0f} |", flush=True)
     print(f"\npeak RSS {peak_rss_mb():.0f} MiB; load average at end {os.getloadavg()[0]:.1f}")
     return 0
 
