@@ -178,11 +178,13 @@ class TrainResult:
     stopped_early: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
     peak_memory: dict[str, float | None] = field(default_factory=dict)  # see :func:`peak_memory`
+    precision: dict[str, Any] = field(default_factory=dict)  # autocast used, CPU bf16 features found
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary for ``model.json``."""
         return {
             "peak_memory": self.peak_memory,
+            "precision": self.precision,
             "config": self.config.to_dict(),
             "best_epoch": self.best_epoch,
             "best_val_rmse_mm": self.best_val_rmse_mm,
@@ -191,6 +193,24 @@ class TrainResult:
             "epochs_run": len(self.history),
             "seconds": self.seconds,
         }
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_features(cpuinfo: str | None = None) -> list[str]:
+    """The bf16 instruction sets this CPU lists in ``/proc/cpuinfo`` (AVX512-BF16, AMX-BF16; empty
+    elsewhere). Recorded in the training summary; bf16 autocast stays off on a CPU unless asked for
+    (``precision="bf16"``): on this project's AVX512-BF16 machine it was not shown faster or as
+    accurate (BENCHMARKS.md, CPU training levers)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read(1 << 20)
+        except OSError:
+            return []
+    flags = set(cpuinfo.split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
 
 
 def peak_memory(device: torch.device | str | None = None) -> dict[str, float | None]:
@@ -924,4 +944,9 @@ def _train(
         focal=focal,
         stopped_early=stopped_early,
         peak_memory=peak_memory(device),
+        precision={
+            "autocast": "bf16" if bf16 else "fp32",
+            "device": device.type,
+            "cpu_bf16": cpu_bf16_features(),
+        },
     )

@@ -7,7 +7,9 @@ process-lifetime peak), ``training.train`` runs 1 epoch (light encoder, batch 8)
 training images plus the first N augmented samples, for each N (default 50, 200, 800) and both data
 paths: ``data_on_device="auto"`` (the default: a split whose images take < 1 GiB is kept in memory
 as normalised arrays) and ``"never"`` (streamed from the set on disk every epoch). Prints each
-run's peak resident set size, its growth per 100 samples, and what 100 samples' images take.
+run's peak resident set size from the data's loading on (Linux ``VmHWM``, reset after the imports
+through ``/proc/self/clear_refs``: ``ru_maxrss``, which the trainer reports, also covers the imports'
+transient peak), its growth per 100 samples, and what 100 samples' images take.
 
     .venv/bin/python benchmarks/bench_training_memory.py [--n 50 200 800] [--size 24] [--spacing 3]
 """
@@ -33,7 +35,14 @@ from DeepSSMLogic.pipeline import _ArrayDataset, _Concat, _Subset
 from DeepSSMLogic.preprocess import IntensityNormalizer
 from DeepSSMLogic.training import TrainConfig, peak_memory, train
 work, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def hwm():  # the resident high-water mark, MiB (VmHWM; Linux)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
 start = peak_memory()["rss_mb"]
+with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: measure from here, not the imports' peak
+    f.write("5")
+base = hwm()
 real = np.load(f"{work}/real_images.npy"), np.load(f"{work}/real_particles.npy")
 aug = AugmentedSet(f"{work}/aug")
 pool = _Concat([_ArrayDataset(*real), _Subset(aug, range(n))])
@@ -43,7 +52,7 @@ config = TrainConfig(epochs=1, batch_size=8, device="cpu", encoder="light", conv
                      data_on_device=mode)
 r = train(config, _Subset(pool, sorted(idx[n_val:])), _Subset(pool, sorted(idx[:n_val])), f"{work}/t-{mode}-{n}",
           image_transform=IntensityNormalizer.fit(real[0]))
-print(json.dumps({"start_rss_mb": start, "peak_rss_mb": r.peak_memory["rss_mb"], "seconds": r.seconds,
+print(json.dumps({"start_rss_mb": start, "base_mb": base, "peak_rss_mb": hwm(), "ru_maxrss_mb": r.peak_memory["rss_mb"], "seconds": r.seconds,
                   "n_train": len(idx) - n_val}))
 """
 
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "| data path | augmented samples | training samples | peak RSS (MiB) | growth per 100 samples (MiB) | s |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode in args.modes:
         sel = [(n, r) for m, n, r in rows if m == mode]
         n0, r0 = sel[0]
