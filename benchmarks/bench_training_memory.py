@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     per100 = 100 * voxels * 4 / 2**20
     print(f"\ngrid {'×'.join(map(str, size))}: 100 samples' images take {per100:.2f} MiB (float32)\n")
     print(
-        "| data path | augmented samples | training samples | peak RSS (MiB) | growth per 100 samples (MiB) | s |"
+        "| data path | augmented samples | training samples | RSS before (MiB) | peak RSS (MiB) "
+        "| growth per 100 samples (MiB) | s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for mode in args.modes:
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, r in sel:
             growth = "" if n == n0 else f"{100 * (r['peak_rss_mb'] - r0['peak_rss_mb']) / (n - n0):.2f}"
             print(
-                f"| {mode} | {n} | {r['n_train']} | {r['peak_rss_mb']:.1f} | {growth} | {r['seconds']:.0f} |"
+                f"| {mode} | {n} | {r['n_train']} | {r['base_mb']:.1f} | {r['peak_rss_mb']:.1f} | {growth} "
+                f"| {r['seconds']:.0f} |"
             )
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     return 0
