@@ -190,7 +190,7 @@ def save_bundle(
     weights_info: dict[str, Any] = {"storage": "float32"}
     if weights_dtype == "float16":
         probe = _probe_input(reference_image, normalizer, reference_grid)
-        state, weights_info = half_precision_weights(state, architecture, probe)
+        state, weights_info = half_precision_weights(state, architecture, probe, network=network)
 
     with atomic_path(target, replace_dir=is_bundle) as tmp:
         work = Path(tempfile.mkdtemp(prefix=".bundle.", dir=tmp.parent)) if target.suffix == ".zip" else tmp
@@ -271,12 +271,22 @@ def _probe_input(reference_image: Any, normalizer: IntensityNormalizer, grid: Gr
     return torch.from_numpy(np.stack([arr, *noisy])[:, None].copy())
 
 
-def _probe_particles(architecture: dict[str, Any], state: dict[str, Any], probe: Any) -> Any:
+def _probe_particles(
+    architecture: dict[str, Any], state: dict[str, Any], probe: Any, network: Any = None
+) -> Any:
+    """Particles predicted for ``probe`` by ``network`` (a copy, any network type: ensembles and
+    dropout heads included) or, for a bare state dict, the network ``architecture`` describes."""
+    import copy
+
     import torch
 
     from .networks import build_network
 
-    net = build_network(dict(architecture))
+    net = (
+        copy.deepcopy(network).cpu()
+        if hasattr(network, "load_state_dict")
+        else build_network(dict(architecture))
+    )
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     net.eval()
     with torch.no_grad():
@@ -300,13 +310,18 @@ def _fp16_refusal(name: str, value: Any, prefix: str) -> str | None:
 
 
 def half_precision_weights(
-    state: dict[str, Any], architecture: dict[str, Any], probe: Any, tolerance_mm: float = FP16_TOLERANCE_MM
+    state: dict[str, Any],
+    architecture: dict[str, Any],
+    probe: Any,
+    tolerance_mm: float = FP16_TOLERANCE_MM,
+    network: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state, weights_info)``: the image encoder's float32 tensors of ≥ 4096 elements as float16,
     unless a tensor is out of float16's range or rounds badly (it keeps float32, the reason named
     in ``weights_info["float32_kept"]``), and only if the rounded weights move the particles
     predicted for ``probe`` (``(B, 1, Z, Y, X)``, normalised) by at most ``tolerance_mm``;
-    otherwise the state is returned unchanged with ``storage: float32`` and the reason."""
+    otherwise the state is returned unchanged with ``storage: float32`` and the reason. ``network``
+    (optional) is the module the state came from, used (copied) for the probe."""
     import torch
 
     prefix = _encoder_prefix(architecture)
@@ -330,7 +345,8 @@ def half_precision_weights(
         return state, info
     mixed = {k: half.get(k, v) for k, v in state.items()}
     change = (
-        _probe_particles(architecture, mixed, probe) - _probe_particles(architecture, state, probe)
+        _probe_particles(architecture, mixed, probe, network)
+        - _probe_particles(architecture, state, probe, network)
     ).abs()
     info["probe_max_change_mm"] = float(change.max())
     if not info["probe_max_change_mm"] <= tolerance_mm:
