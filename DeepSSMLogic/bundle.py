@@ -45,7 +45,10 @@ from .fileutil import atomic_path, check_replace_target, is_bundle, save_torch, 
 from .geometry import Grid
 from .preprocess import IntensityNormalizer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = (
+    2  # 2: weights.pt may hold float16 tensors (the "weights" section); fp32 bundles still write 1
+)
+FP32_SCHEMA_VERSION = 1  # what a bundle with float32 weights only records: older releases load it
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
 REFERENCE_IMAGE = "reference_image.nrrd"
@@ -160,6 +163,7 @@ def save_bundle(
     overwrite: bool = False,
     uncertainty: dict[str, Any] | None = None,
     ood: dict[str, Any] | None = None,
+    weights_dtype: str = "float32",
 ) -> Path:
     """Write a bundle atomically to ``path`` (a directory, or a single file when it ends in .zip).
 
@@ -170,8 +174,11 @@ def save_bundle(
     registration target, on ``reference_grid``); ``template_mesh``: vtkPolyData or a path
     (optional) whose corresponding points are ``template_particles`` (default: the mean shape).
     ``uncertainty`` / ``ood``: ``UncertaintySpec.to_dict()`` / ``OODCalibration.to_dict()`` (issue 13;
-    ``network`` is then the matching ensemble or dropout network). An existing bundle at ``path`` is replaced; anything else is refused (a foreign file is
-    replaced with ``overwrite``; a foreign folder never). Returns the bundle path.
+    ``network`` is then the matching ensemble or dropout network).
+    An existing bundle at ``path`` is replaced; anything else is refused (a foreign file is
+    replaced with ``overwrite``; a foreign folder never). ``weights_dtype="float16"`` stores the
+    image encoder's large tensors as float16 when that provably changes nothing that matters
+    (:func:`half_precision_weights`); they load back as float32. Returns the bundle path.
     """
     from . import io
 
@@ -196,6 +203,14 @@ def save_bundle(
         pca = None
     state = network.state_dict() if hasattr(network, "state_dict") else dict(network)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise InputError(
+            f"save_bundle: weights_dtype: expected one of {WEIGHTS_DTYPES}, found {weights_dtype!r}"
+        )
+    weights_info: dict[str, Any] = {"storage": "float32"}
+    if weights_dtype == "float16":
+        probe = _probe_input(reference_image, normalizer, reference_grid)
+        state, weights_info = half_precision_weights(state, architecture, probe, network=network)
 
     with atomic_path(target, replace_dir=is_bundle) as tmp:
         work = Path(tempfile.mkdtemp(prefix=".bundle.", dir=tmp.parent)) if target.suffix == ".zip" else tmp
@@ -219,7 +234,7 @@ def save_bundle(
         files = [f for f in KNOWN_FILES if (work / f).exists()]
         meta: dict[str, Any] = {
             "format": "deepssm-bundle",
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if weights_info["storage"] == "float16" else FP32_SCHEMA_VERSION,
             "descriptor_kind": DESCRIPTOR_KINDS[variant],
             "architecture": _to_jsonable(architecture),
             "hyperparameters": _to_jsonable(hyperparameters or {}),
@@ -228,6 +243,7 @@ def save_bundle(
             "n_particles": int(mean.shape[0]),
             "pca": pca,
             "training_summary": _to_jsonable(training_summary or {}),
+            "weights": weights_info,
             "files": {f: sha256_file(work / f) for f in files},
         }
         if uncertainty is not None:
@@ -243,6 +259,135 @@ def save_bundle(
                     zf.write(work / f, arcname=f, compress_type=zipfile.ZIP_STORED if f == WEIGHTS else None)
             shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+# -- float16 storage of the weights -------------------------------------------------------------
+WEIGHTS_DTYPES = ("float32", "float16")
+FP16_MAX = 65504.0
+FP16_MIN_ELEMENTS = 4096  # smaller tensors (biases, batch-norm statistics, PReLU) save nothing: kept fp32
+FP16_MAX_RELATIVE_ERROR = 1e-3  # ‖x − fp16(x)‖ / ‖x‖; a normal-range tensor rounds to ~3e-4
+FP16_TOLERANCE_MM = 0.01  # most a probe particle may move with the float16 weights
+
+
+def _encoder_prefix(architecture: dict[str, Any]) -> str:
+    """State-dict prefix of the image encoder (the conv stack and its FC layers)."""
+    return "tflank." if architecture.get("variant") == "tl" else "encoder."
+
+
+def _probe_input(reference_image: Any, normalizer: IntensityNormalizer, grid: Grid) -> Any:
+    """Network input ``(3, 1, Z, Y, X)``: the normalised reference image and two seeded noisy
+    copies of it, to compare predictions of float32 and float16 weights on."""
+    import SimpleITK as sitk
+    import torch
+
+    from . import io
+
+    image = (
+        io.read_image(reference_image) if isinstance(reference_image, str | os.PathLike) else reference_image
+    )
+    arr = normalizer(sitk.GetArrayFromImage(image).astype(np.float32))
+    if arr.shape != grid.shape_zyx:
+        raise InputError(
+            f"save_bundle: the reference image has {arr.shape} voxels (z, y, x), the grid {grid.shape_zyx}"
+        )
+    rng = np.random.default_rng(0)
+    noisy = [arr + rng.normal(0.0, 0.5, arr.shape).astype(np.float32) for _ in range(2)]
+    return torch.from_numpy(np.stack([arr, *noisy])[:, None].copy())
+
+
+def _probe_particles(
+    architecture: dict[str, Any], state: dict[str, Any], probe: Any, network: Any = None
+) -> Any:
+    """Particles predicted for ``probe`` by ``network`` (a copy, any network type: ensembles and
+    dropout heads included) or, for a bare state dict, the network ``architecture`` describes."""
+    import copy
+
+    import torch
+
+    from .networks import build_network
+
+    net = (
+        copy.deepcopy(network).cpu()
+        if hasattr(network, "load_state_dict")
+        else build_network(dict(architecture))
+    )
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    net.eval()
+    with torch.no_grad():
+        return net(probe)[1].double()
+
+
+def _fp16_refusal(name: str, value: Any, prefix: str) -> str | None:
+    """Why the float32 tensor ``value`` stays float32 (None: it may be stored as float16)."""
+    import torch
+
+    if not re.sub(r"^members\.\d+\.", "", name).startswith(prefix):  # an ensemble member's encoder too
+        return "shape-space layer (its outputs are mm coordinates)"
+    peak = float(value.abs().max()) if value.numel() else 0.0
+    if peak > FP16_MAX:
+        return f"values beyond the float16 range (max |x| {peak:.4g} > {FP16_MAX:g})"
+    norm = float(torch.linalg.vector_norm(value))
+    err = float(torch.linalg.vector_norm(value - value.half().float()))
+    if norm > 0 and err / norm > FP16_MAX_RELATIVE_ERROR:
+        return f"float16 would lose accuracy (relative rounding error {err / norm:.2g} > {FP16_MAX_RELATIVE_ERROR:g})"
+    return None
+
+
+def half_precision_weights(
+    state: dict[str, Any],
+    architecture: dict[str, Any],
+    probe: Any,
+    tolerance_mm: float = FP16_TOLERANCE_MM,
+    network: Any = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state, weights_info)``: the image encoder's float32 tensors of ≥ 4096 elements as float16,
+    unless a tensor is out of float16's range or rounds badly (it keeps float32, the reason named
+    in ``weights_info["float32_kept"]``), and only if the rounded weights move the particles
+    predicted for ``probe`` (``(B, 1, Z, Y, X)``, normalised) by at most ``tolerance_mm``;
+    otherwise the state is returned unchanged with ``storage: float32`` and the reason. ``network``
+    (optional) is the module the state came from, used (copied) for the probe."""
+    import torch
+
+    prefix = _encoder_prefix(architecture)
+    half: dict[str, Any] = {}
+    kept: dict[str, str] = {}
+    small = 0
+    for name, value in state.items():
+        if value.dtype != torch.float32:
+            continue
+        if value.numel() < FP16_MIN_ELEMENTS:
+            small += 1
+            continue
+        reason = _fp16_refusal(name, value, prefix)
+        if reason is None:
+            half[name] = value.half()
+        else:
+            kept[name] = reason
+    info: dict[str, Any] = {"storage": "float32", "float32_kept": kept, "tolerance_mm": tolerance_mm}
+    if not half:
+        info["reason"] = "no encoder tensor qualifies for float16"
+        return state, info
+    mixed = {k: half.get(k, v) for k, v in state.items()}
+    change = (
+        _probe_particles(architecture, mixed, probe, network)
+        - _probe_particles(architecture, state, probe, network)
+    ).abs()
+    info["probe_max_change_mm"] = float(change.max())
+    if not info["probe_max_change_mm"] <= tolerance_mm:
+        info["reason"] = (
+            f"float16 encoder weights moved the predicted particles of the reference image by "
+            f"{info['probe_max_change_mm']:.3g} mm (more than {tolerance_mm:g} mm): kept float32"
+        )
+        return state, info
+    saved = sum(v.numel() * 2 for v in half.values())
+    info.update(
+        storage="float16",
+        float16_tensors=len(half),
+        float32_small_tensors=small,
+        bytes_saved=saved,
+        probe_mean_change_mm=float(change.mean()),
+    )
+    return mixed, info
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -511,7 +656,8 @@ def _load_from_dir(src: Path, files_dir: Path, meta: dict[str, Any], map_locatio
     shape_model = _shape_model_from_meta(src, meta.get("pca"))
 
     mean = _read_bundle_particles(src, files_dir, MEAN_PARTICLES, n_particles)
-    network = _load_network(src, files_dir, architecture, map_location, meta.get("uncertainty"))
+    storage = (meta.get("weights") or {}).get("storage", "float32")
+    network = _load_network(src, files_dir, architecture, map_location, meta.get("uncertainty"), storage)
     template_mesh = files_dir / TEMPLATE_MESH if TEMPLATE_MESH in meta["files"] else None
     template_pts = None
     if TEMPLATE_PARTICLES in meta["files"]:
@@ -554,15 +700,24 @@ def _load_network(
     architecture: dict[str, Any],
     map_location: Any,
     uncertainty: dict[str, Any] | None = None,
+    storage: str = "float32",
 ) -> Any:
-    """The network of ``architecture`` with the bundle's weights (keys, shapes, finiteness checked),
-    in eval mode on ``map_location``; an ensemble or a network with head dropout when the bundle's
+    """The network of ``architecture`` with the bundle's weights (keys, shapes, finiteness checked;
+    float16 tensors, allowed when model.json declares ``storage`` float16, back to float32), in
+    eval mode on ``map_location``; an ensemble or a network with head dropout when the bundle's
     ``uncertainty`` says so."""
     import torch
 
     from .uncertainty import UncertaintySpec, build_uncertain_network
 
     state = load_state_dict_safely(files_dir / WEIGHTS, map_location=map_location)
+    halves = [k for k, v in state.items() if v.dtype == torch.float16]
+    if halves and storage != "float16":
+        raise BundleError(
+            f"{src}/{WEIGHTS}: holds float16 tensors ({', '.join(halves[:3])}{' …' if len(halves) > 3 else ''}) "
+            f"but model.json declares weights storage {storage!r}; the bundle is inconsistent: re-save it"
+        )
+    state = {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}
 
     try:
         spec = UncertaintySpec.from_dict(uncertainty, f"{src}/{MODEL_JSON}: uncertainty")

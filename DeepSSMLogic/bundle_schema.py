@@ -100,6 +100,7 @@ def validate_meta(meta: dict[str, Any], where: str) -> None:
     _validate_pca(f, meta.get("pca"), n)
     _validate_uncertainty(f, meta.get("uncertainty"))
     _validate_ood(f, meta.get("ood"))
+    _validate_weights(f, f.mapping(meta, "weights", "weights", optional=True), meta.get("schema_version"))
     files = f.mapping(meta, "files", "files")
     for name, digest in files.items():
         if not isinstance(digest, str) or not _HEX64.match(digest):
@@ -212,3 +213,20 @@ def _validate_ood(f: _Fields, cal: Any) -> None:
     inten = f.mapping(cal, "ood.intensity", "intensity")
     f.vector(f.get(inten, "ood.intensity.mean", "mean"), "ood.intensity.mean", OOD_FEATURES)
     f.vector(f.get(inten, "ood.intensity.std", "std"), "ood.intensity.std", OOD_FEATURES, positive=True)
+
+
+WEIGHTS_STORAGE = ("float32", "float16")
+
+
+def _validate_weights(f: _Fields, weights: dict[str, Any], schema_version: Any) -> None:
+    """The optional ``weights`` section (schema 2): how ``weights.pt`` stores its tensors."""
+    if not weights:
+        return
+    storage = weights.get("storage")
+    if storage not in WEIGHTS_STORAGE:
+        f.fail("weights.storage", f"one of {list(WEIGHTS_STORAGE)}", storage)
+    if storage == "float16" and not (isinstance(schema_version, int) and schema_version >= 2):
+        f.fail("schema_version", "2 or later for float16 weights", schema_version)
+    for key in ("probe_max_change_mm", "probe_mean_change_mm", "tolerance_mm"):
+        if key in weights and f.number(weights[key], f"weights.{key}") < 0:
+            f.fail(f"weights.{key}", "a distance ≥ 0 mm", weights[key])

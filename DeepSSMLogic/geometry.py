@@ -12,6 +12,8 @@ Slicer's RAS differs from LPS by ``diag(-1, -1, 1)``; convert only at the Slicer
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,4 +183,52 @@ def grid_size_problem(
         "Are the subjects in different frames? For a ShapeWorks project train in its world frame "
         "(--frame world; or --particles world with already aligned images). Otherwise check that "
         "subject's particle coordinates (mm), or choose a coarser --spacing (or --downsample 2-4)"
+    )
+
+
+# -- the automatic default spacing (issue 16) --------------------------------------------------------
+CPU_VOXEL_BUDGET = 48**3  # the automatic grid's budget on a CPU (BENCHMARKS.md, grid budget)
+SPACING_STEP_MM = 0.05  # automatic spacings are rounded up to a multiple of this
+
+
+def _bounding_size(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    return np.ceil(extent / spacing).astype(np.int64) + 1  # as Grid.bounding
+
+
+def _cube(voxels: int) -> str:
+    n = round(voxels ** (1 / 3))
+    return f"{n}³" if n**3 == voxels else f"{voxels} voxels"
+
+
+def auto_grid_spacing(
+    particles: np.ndarray, image_spacing: Sequence[float], margin_mm: float, max_voxels: int
+) -> tuple[tuple[float, float, float], str]:
+    """``(spacing x, y, z mm, reason)``: the images' own spacing when the particles' bounding box
+    plus ``margin_mm`` fits ``max_voxels`` at it; otherwise the finest isotropic spacing (a multiple
+    of 0.05 mm, never finer than the images' on any axis) whose grid fits. Callers check the grid at
+    the images' spacing with :func:`grid_size_problem` first: coarsening must not hide a frame mix-up."""
+    pts = np.asarray(particles, dtype=np.float64).reshape(-1, 3)
+    img = np.broadcast_to(np.asarray(image_spacing, dtype=np.float64), (3,))
+    extent = pts.max(axis=0) - pts.min(axis=0) + 2.0 * margin_mm
+    box = "×".join(f"{e:.0f}" for e in extent)
+    size_img = _bounding_size(extent, img)
+    shown_img = "×".join(str(int(v)) for v in size_img)
+    img_text = ", ".join(f"{v:g}" for v in img) if len(set(img.tolist())) > 1 else f"{img[0]:g}"
+    if int(np.prod(size_img)) <= max_voxels:
+        return tuple(float(v) for v in img), (
+            f"the images' spacing {img_text} mm: a {box} mm anatomy (particles' box + {margin_mm:g} mm "
+            f"margin) gives a {shown_img} grid, within the {_cube(max_voxels)} voxel budget"
+        )
+    step = SPACING_STEP_MM
+    s = max(float(np.cbrt(np.prod(extent) / max_voxels)), float(img.min()))
+    s = math.ceil(s / step - 1e-9) * step
+    while int(np.prod(_bounding_size(extent, np.maximum(s, img)))) > max_voxels:
+        s += step
+    sp = np.maximum(round(s, 6), img)
+    shown = "×".join(str(int(v)) for v in _bounding_size(extent, sp))
+    sp_text = ", ".join(f"{v:g}" for v in sp) if len(set(sp.tolist())) > 1 else f"{sp[0]:g}"
+    return tuple(float(v) for v in sp), (
+        f"spacing {sp_text} mm chosen from a {box} mm anatomy (particles' box + {margin_mm:g} mm margin) "
+        f"for the {_cube(max_voxels)} voxel budget: grid {shown}; the images' {img_text} mm "
+        f"would give {shown_img}; set --spacing to choose"
     )

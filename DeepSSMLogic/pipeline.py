@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ValidationError
-from .geometry import MAX_GRID_VOXELS, Grid, grid_size_problem
+from .geometry import CPU_VOXEL_BUDGET, MAX_GRID_VOXELS, Grid, auto_grid_spacing, grid_size_problem
 from .progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
 
 
@@ -83,6 +83,54 @@ def reference_grid(
         origin = np.asarray(grid.origin) - (new_size - size) * sp / 2.0
         grid = Grid(tuple(origin.tolist()), grid.spacing, tuple(int(s) for s in new_size))
     return grid
+
+
+# -- the automatic default spacing ------------------------------------------------------------------
+CUDA_VOXEL_BUDGET = 128**3
+
+
+def default_voxel_budget(device: str) -> tuple[int, str]:
+    """``(voxels, device kind)``: the automatic grid's budget for training on ``device`` ("auto",
+    "cpu", "cuda", "cuda:N"): :data:`CPU_VOXEL_BUDGET` on a CPU (BENCHMARKS.md, grid budget),
+    :data:`CUDA_VOXEL_BUDGET` on a GPU (the paper's 118×69×88 grids stay at full resolution)."""
+    kind = "cpu" if device == "cpu" else "cuda" if device.startswith("cuda") else None
+    if kind is None:
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return (CUDA_VOXEL_BUDGET if kind == "cuda" else CPU_VOXEL_BUDGET), kind
+
+
+def resolve_spacing(
+    opts: TrainingOptions, particles: np.ndarray, first: Any, ids: Sequence[str] | None = None
+) -> tuple[float | tuple[float, float, float], dict[str, Any]]:
+    """The grid spacing before ``opts.downsample`` and how it was chosen (``{"source", "reason",
+    ...}`` for the training summary): ``opts.spacing`` mm when given; the first training image's
+    spacing for ``"image"`` or with a ``downsample`` factor; else :func:`auto_grid_spacing` for
+    ``opts.voxel_budget`` (default: :func:`default_voxel_budget` of ``opts.device``), after the grid
+    at the images' spacing passed :func:`~DeepSSMLogic.geometry.grid_size_problem` (subjects in
+    different frames are refused as before, not hidden by a coarse spacing; ``ids`` name them)."""
+    from . import io
+
+    if isinstance(opts.spacing, int | float) and not isinstance(opts.spacing, bool):
+        return float(opts.spacing), {"source": "--spacing", "reason": f"--spacing {opts.spacing:g} mm"}
+    if opts.spacing not in (None, "auto", "image"):
+        raise InputError(f"--spacing: expected a number of mm, 'auto' or 'image', found {opts.spacing!r}")
+    image_spacing = tuple(float(v) for v in io.read_image(first.image).GetSpacing())
+    if opts.spacing == "image" or opts.downsample != 1.0:
+        why = "--spacing image" if opts.spacing == "image" else f"--downsample {opts.downsample:g}"
+        return image_spacing, {"source": "image", "reason": f"the images' spacing ({why})"}
+    budget, kind = default_voxel_budget(opts.device)
+    if opts.voxel_budget is not None:
+        if not int(opts.voxel_budget) >= 1:
+            raise InputError(f"voxel budget: expected a positive number of voxels, found {opts.voxel_budget}")
+        budget, kind = int(opts.voxel_budget), "given"
+    source = spacing_source(None, first) + " (checked before the automatic choice)"
+    problem = grid_size_problem(particles, image_spacing, opts.margin_mm, ids, source)
+    if problem:
+        raise InputError(problem)
+    spacing, reason = auto_grid_spacing(particles, image_spacing, opts.margin_mm, budget)
+    return spacing, {"source": "auto", "reason": reason, "voxel_budget": budget, "budget_for": kind}
 
 
 def _subject_field(subject: Any, name: str) -> Any:
@@ -199,7 +247,9 @@ def _sitk_view(image: Any) -> np.ndarray:
 class TrainingOptions:
     """What ``deepssm train`` exposes; everything else comes from ``training.TrainConfig`` defaults.
 
-    ``spacing`` mm (None: the first training image's spacing); ``downsample`` multiplies it;
+    ``spacing`` mm, or None / "auto": chosen from the anatomy's size for a voxel budget
+    (:func:`resolve_spacing`), or "image": the first training image's; ``downsample`` multiplies it
+    (and, without a spacing, starts from the image's);
     ``augment`` number of offline augmented samples (0: none); ``augment_online`` warps fresh
     samples every epoch instead; ``val_fraction`` of the training pool (real + augmented) held out
     for validation (the cohort's own ``val`` subjects are added to it).
@@ -217,7 +267,8 @@ class TrainingOptions:
     resume: bool = False
     restart: bool = False  # discard an existing checkpoint (without it, one is refused unless resume)
     overwrite: bool = False  # replace a file at ``out`` that is not a bundle (a folder never)
-    spacing: float | None = None
+    spacing: float | str | None = None  # mm, None / "auto" (from the anatomy's size) or "image"
+    voxel_budget: int | None = None  # automatic spacing's budget (None: 48³ on a CPU, 128³ on CUDA)
     downsample: float = 1.0
     margin_mm: float = 10.0
     conv_padding: str = "auto"  # "auto": "valid" (the paper) when the grid allows it, else "same"
@@ -235,6 +286,9 @@ class TrainingOptions:
     ensemble_size: int = 3
     mc_dropout: float = 0.2
     mc_samples: int = 30
+    # "float16": the image encoder's large tensors stored as float16 when that moves no predicted
+    # particle of the reference image by more than 0.01 mm (bundle.half_precision_weights); loaded as float32
+    bundle_weights: str = "float16"
 
 
 @dataclass
@@ -421,7 +475,6 @@ def train_model(
     """
     import time
 
-    from . import io
     from .bundle import save_bundle
     from .cohort import (
         Cohort,
@@ -431,7 +484,7 @@ def train_model(
     )
     from .preprocess import IntensityNormalizer
     from .shape_model import ShapeModel
-    from .training import TrainConfig
+    from .training import TrainConfig, peak_memory
 
     opts = options or TrainingOptions()
     t0 = time.perf_counter()
@@ -453,16 +506,16 @@ def train_model(
 
     # -- geometry and arrays (in the cohort's training frame: ShapeWorks' world frame when it has one)
     particles = np.stack([subject_particles(s) for s in train_subjects])
-    spacing = opts.spacing
-    if spacing is None:
-        spacing = tuple(float(v) for v in io.read_image(train_subjects[0].image).GetSpacing())
+    spacing, spacing_info = resolve_spacing(
+        opts, particles, train_subjects[0], [s.id for s in train_subjects]
+    )
     grid = reference_grid(
         particles,
         spacing,
         opts.margin_mm,
         downsample=opts.downsample,
         ids=[s.id for s in train_subjects],
-        spacing_source=spacing_source(opts.spacing, train_subjects[0], opts.downsample),
+        spacing_source=spacing_source(opts.spacing, train_subjects[0], opts.downsample, spacing_info),
     )
     check_training_outputs(out, work, opts, grid, particles.shape[1])
     padding = choose_conv_padding(grid, opts.conv_padding, opts.encoder)
@@ -570,6 +623,9 @@ def train_model(
         "frame": {"name": cohort.frame, "reason": cohort.frame_reason},
         "excluded_subjects": list(cohort.excluded),
         "world_size": world,
+        "grid": {**spacing_info, "spacing_mm": list(grid.spacing), "size": list(grid.size)},
+        # the whole run's peak (reading, augmentation, training); the trainer's own is in peak_memory
+        "peak_rss_mb_total": peak_memory()["rss_mb"],
         "seconds_total": time.perf_counter() - t0,
     }
     if rank != 0:
@@ -604,6 +660,7 @@ def train_model(
         hyperparameters={"train_config": config.to_dict(), "options": _options_dict(opts)},
         uncertainty=calibration.spec.to_dict(),
         ood=calibration.ood.to_dict() if calibration.ood is not None else None,
+        weights_dtype=opts.bundle_weights,
     )
     release_group()
     return TrainOutcome(path, work, summary)
@@ -686,9 +743,17 @@ def _calibrate(
     )
 
 
-def spacing_source(spacing: float | None, first: Any, downsample: float = 1.0) -> str:
-    """Where the grid spacing came from, for messages: ``--spacing`` or the first training image."""
-    src = "--spacing" if spacing is not None else f"the image of {first.id!r} ({first.image}); set --spacing"
+def spacing_source(
+    spacing: float | str | None, first: Any, downsample: float = 1.0, info: dict[str, Any] | None = None
+) -> str:
+    """Where the grid spacing came from, for messages: ``--spacing``, the first training image, or
+    the automatic choice (``info`` from :func:`resolve_spacing`)."""
+    if info is not None and info.get("source") == "auto":
+        src = f"the automatic choice for a {info['voxel_budget']} voxel budget; set --spacing"
+    elif isinstance(spacing, int | float):
+        src = "--spacing"
+    else:
+        src = f"the image of {first.id!r} ({first.image}); set --spacing"
     return src + (f", times --downsample {downsample:g}" if downsample != 1.0 else "")
 
 

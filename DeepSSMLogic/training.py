@@ -22,6 +22,8 @@ import json
 import math
 import os
 import random
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -178,10 +180,14 @@ class TrainResult:
     focal: dict[str, float | None]
     stopped_early: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
+    peak_memory: dict[str, float | None] = field(default_factory=dict)  # see :func:`peak_memory`
+    precision: dict[str, Any] = field(default_factory=dict)  # autocast used, CPU bf16 features found
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary for ``model.json``."""
         return {
+            "peak_memory": self.peak_memory,
+            "precision": self.precision,
             "config": self.config.to_dict(),
             "best_epoch": self.best_epoch,
             "best_val_rmse_mm": self.best_val_rmse_mm,
@@ -190,6 +196,37 @@ class TrainResult:
             "epochs_run": len(self.history),
             "seconds": self.seconds,
         }
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_features(cpuinfo: str | None = None) -> list[str]:
+    """The bf16 instruction sets this CPU lists in ``/proc/cpuinfo`` (AVX512-BF16, AMX-BF16; empty
+    elsewhere). Recorded in the training summary; bf16 autocast stays off on a CPU unless asked for
+    (``precision="bf16"``): on this project's AVX512-BF16 machine it was not shown faster or as
+    accurate (BENCHMARKS.md, CPU training levers)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read(1 << 20)
+        except OSError:
+            return []
+    flags = set(cpuinfo.split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def peak_memory(device: torch.device | str | None = None) -> dict[str, float | None]:
+    """``{"rss_mb": …, "cuda_max_allocated_mb": …}``: this process's peak resident set size so far
+    (``ru_maxrss``, MiB; the process's whole life, not only training) and, on a CUDA ``device``,
+    ``torch.cuda.max_memory_allocated`` (MiB; None elsewhere)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux
+    cuda = None
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        cuda = torch.cuda.max_memory_allocated(dev) / 2**20
+    return {"rss_mb": round(rss_mb, 1), "cuda_max_allocated_mb": None if cuda is None else round(cuda, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,6 +894,7 @@ def _train(
                 "lr": lr,
                 "seconds": time.perf_counter() - t0,
                 "best": improved,
+                "peak_rss_mb": peak_memory(device)["rss_mb"],
             }
             history.append(record)
             last = stopped or epoch + 1 == stage.epochs
@@ -913,4 +951,10 @@ def _train(
         best_val_rmse_mm=best_rmse,
         focal=focal,
         stopped_early=stopped_early,
+        peak_memory=peak_memory(device),
+        precision={
+            "autocast": "bf16" if bf16 else "fp32",
+            "device": device.type,
+            "cpu_bf16": cpu_bf16_features(),
+        },
     )

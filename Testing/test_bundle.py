@@ -12,6 +12,7 @@ import torch
 from helpers_predict import make_tiny_bundle, phantom_image, reference_grid_for_phantom, tiny_bundle_parts
 
 from DeepSSMLogic.bundle import (
+    FP32_SCHEMA_VERSION,
     MODEL_JSON,
     SCHEMA_VERSION,
     _content_digest,
@@ -52,7 +53,8 @@ def test_round_trip(tmp_path, as_zip):
     b = load_bundle(path)
     assert b.descriptor_kind == "pca" and b.n_particles == 64
     assert b.grid == reference_grid_for_phantom()
-    assert b.meta["schema_version"] == SCHEMA_VERSION
+    assert b.meta["schema_version"] == FP32_SCHEMA_VERSION  # float32 weights: older releases load it
+    assert b.meta["weights"] == {"storage": "float32"}
     assert set(b.meta["files"]) == {"weights.pt", "reference_image.nrrd", "mean.particles"}
     assert np.allclose(b.mean_particles, b.shape_model.mean, atol=1e-6)
     assert b.reference_image_path.is_file() and b.template_mesh_path is None

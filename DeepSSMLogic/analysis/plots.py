@@ -34,7 +34,7 @@ def _save(fig: Any, out: PathLike) -> Path:
     return target
 
 
-_NOT_CURVES = {"epoch", "epochs", "lr", "seconds", "time_s", "step", "best", "phase_index"}
+_NOT_CURVES = {"epoch", "epochs", "lr", "seconds", "time_s", "step", "best", "phase_index", "peak_rss_mb"}
 
 
 def training_curves(history: Sequence[Mapping[str, Any]], out: PathLike) -> Path:

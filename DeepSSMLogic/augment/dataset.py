@@ -383,6 +383,7 @@ class AugmentedSet(torch.utils.data.Dataset):
         self.transform = transform
         self._images: np.ndarray | None = None
         self._particles: np.ndarray | None = None
+        self._layout: tuple[int, tuple[int, ...], np.dtype] | None = None
         for name in ("images.npy", "particles.npy", "scores.npy", "source.npy"):
             if not (self.root / name).exists():
                 raise InputError(f"{self.root}: the augmented set lacks {name}")
@@ -422,10 +423,31 @@ class AugmentedSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.completed
 
+    def _read_image(self, i: int) -> np.ndarray:
+        """Row ``i`` of images.npy read with an ordinary file read, not through the memory map:
+        pages of a mapped file count in the process's resident set, so streaming every sample each
+        epoch through the map would grow the peak RSS with the set's size (issue 16)."""
+        if self._layout is None:
+            offset, shape, dtype = _array_layout(self.root / "images.npy")
+            if shape[0] != self.count or tuple(shape[1:]) != self.grid.shape_zyx:
+                raise InputError(
+                    f"{self.root / 'images.npy'}: shape {shape}, expected "
+                    f"({self.count}, {', '.join(map(str, self.grid.shape_zyx))})"
+                )
+            self._layout = (offset, shape, dtype)
+        offset, shape, dtype = self._layout
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        with open(self.root / "images.npy", "rb") as f:  # seek + read: os.pread is not on Windows
+            f.seek(offset + i * row)
+            data = f.read(row)
+        if len(data) != row:
+            raise InputError(f"{self.root / 'images.npy'}: truncated at sample {i}")
+        return np.frombuffer(data, dtype=dtype).reshape(shape[1:]).astype(np.float32)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not -self.completed <= i < self.completed:
             raise IndexError(f"sample {i} out of range for {self.completed} samples")
-        img = np.array(self.images[i], dtype=np.float32)
+        img = self._read_image(i % self.completed)
         if self.transform is not None:
             img = np.asarray(self.transform(img), dtype=np.float32)
         pts = np.asarray(self.particles[i], dtype=np.float32)

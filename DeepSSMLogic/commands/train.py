@@ -76,9 +76,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--restart", action="store_true", help="discard an existing checkpoint and train from the start"
     )
     add_overwrite_option(parser)
-    parser.add_argument("--spacing", type=float, help="reference grid spacing in mm (default: the images')")
     parser.add_argument(
-        "--downsample", type=float, default=1.0, help="multiply the spacing by this factor (paper: 1-4)"
+        "--spacing",
+        type=spacing_arg,
+        help="reference grid spacing in mm, 'image' (the first training image's) or 'auto' (default: the "
+        "images' spacing unless the anatomy's box then exceeds a voxel budget of 48^3 on a CPU, 128^3 on "
+        "CUDA; then the finest spacing that fits; the training summary says what was chosen and why)",
+    )
+    parser.add_argument(
+        "--downsample",
+        type=float,
+        default=1.0,
+        help="multiply the spacing by this factor (paper: 1-4; without --spacing: the images' spacing times it)",
     )
     parser.add_argument("--margin", type=float, default=10.0, help="grid margin around the particles, mm")
     parser.add_argument("--conv-padding", choices=("auto", "valid", "same"), default="auto")
@@ -100,6 +109,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--ensemble-size", type=int, default=3, help="networks of an ensemble (default 3)")
     parser.add_argument("--mc-dropout", type=float, default=0.2, help="MC dropout rate (default 0.2)")
     parser.add_argument("--mc-samples", type=int, default=30, help="MC dropout passes (default 30)")
+    parser.add_argument(
+        "--bundle-weights",
+        choices=("float16", "float32"),
+        default="float16",
+        help="how the bundle stores the image encoder's weights (default float16: half the size; kept "
+        "float32 when that would move a predicted particle by more than 0.01 mm); they load as float32",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of the pool")
     parser.add_argument("--n-modes", type=int, help="PCA modes (Base; default: 99%% of the variance)")
     parser.add_argument(
@@ -118,6 +134,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     track_defaults(parser, [dest for dest, _ in PROJECT_SETTINGS.values()])
     parser.set_defaults(run=run)
     return parser
+
+
+def _memory_text(summary: dict[str, Any]) -> str:
+    mem = summary.get("peak_memory") or {}
+    text = (
+        f"{summary.get('peak_rss_mb_total', mem.get('rss_mb', float('nan'))):.0f} MiB resident (process peak)"
+    )
+    if mem.get("cuda_max_allocated_mb") is not None:
+        text += f", {mem['cuda_max_allocated_mb']:.0f} MiB allocated on the GPU"
+    return text
+
+
+def spacing_arg(text: str) -> float | str | None:
+    """``--spacing``: a positive number of mm, "image" or "auto" (None)."""
+    value = text.strip().lower()
+    if value in ("auto", "image"):
+        return None if value == "auto" else value
+    try:
+        mm = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of mm, 'image' or 'auto', found {text!r}"
+        ) from None
+    if not mm > 0 or mm == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive spacing in mm, found {text!r}")
+    return mm
 
 
 def parse_extra(items: list[str]) -> dict[str, Any]:
@@ -170,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         ensemble_size=args.ensemble_size,
         mc_dropout=args.mc_dropout,
         mc_samples=args.mc_samples,
+        bundle_weights=args.bundle_weights,
     )
     with progress_bars(disable=args.quiet or not _is_rank0()) as report:
         outcome = train_model(cohort, args.out, options, report, work_dir=args.work_dir)
@@ -177,8 +220,10 @@ def run(args: argparse.Namespace) -> int:
         s = outcome.summary
         print(
             f"model: {outcome.bundle}\n"
+            f"grid: {'x'.join(str(v) for v in s['grid']['size'])} voxels; {s['grid']['reason']}\n"
             f"best validation RMSE: {s.get('best_val_rmse_mm', float('nan')):.3f} mm "
             f"(epoch {s.get('best_epoch')}, {s.get('epochs_run')} epochs, {s.get('seconds_total', 0):.0f} s)\n"
+            f"peak memory: {_memory_text(s)}\n"
             f"intermediate files: {outcome.work_dir}"
         )
     return 0
