@@ -26,6 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core (headless tests) has no slicer.i18n
+
+    def _(text: str) -> str:
+        return text
+
+
 from DeepSSMLogic.commands._cohort_args import DEFAULT_FRAME, DEFAULT_PARTICLES, cohort_option_argv
 from DeepSSMLogic.errors import InputError
 
@@ -76,22 +84,22 @@ def prediction_verdict(result: Mapping[str, Any]) -> Verdict:
     unc = result.get("uncertainty")
     if unc:
         method = f" ({unc['method']})" if unc.get("method") else ""
-        unc_text = (
-            f"Uncertainty{method}: mean {_number(unc.get('mean_mm'))} mm, "
-            f"max {_number(unc.get('max_mm'))} mm per particle"
+        unc_text = (_("Uncertainty{method}: mean {mean} mm, max {max} mm per particle")).format(
+            method=method, mean=_number(unc.get("mean_mm")), max=_number(unc.get("max_mm"))
         )
     else:
-        unc_text = "No uncertainty: the model bundle does not predict one."
+        unc_text = _("No uncertainty: the model bundle does not predict one.")
     ood = result.get("ood")
     if not ood:
-        return Verdict(unc_text, "No out-of-distribution check: the model bundle has none.", False)
-    score = f"score {_number(ood.get('score'))} / threshold {_number(ood.get('threshold'))}"
+        return Verdict(unc_text, _("No out-of-distribution check: the model bundle has none."), False)
+    score = _("score {score} / threshold {threshold}").format(
+        score=_number(ood.get("score")), threshold=_number(ood.get("threshold"))
+    )
     if ood.get("flag"):
         reasons = "; ".join(str(r) for r in ood.get("reasons") or []) or score
-        return Verdict(
-            unc_text, f"Out of distribution: {reasons} ({score}). Do not trust this prediction.", True
-        )
-    return Verdict(unc_text, f"Within the training distribution ({score}).", False)
+        verdict = _("Out of distribution: {reasons} ({score}). Do not trust this prediction.")
+        return Verdict(unc_text, verdict.format(reasons=reasons, score=score), True)
+    return Verdict(unc_text, _("Within the training distribution ({score}).").format(score=score), False)
 
 
 class PredictionRegistry:
@@ -204,7 +212,9 @@ class DeepSSMController:
             self.runner.start(worker_command(self.python(), task, args), env=worker_environment(device))
         except OSError as e:
             self.cleanupTask()
-            raise RuntimeError(f"could not start the DeepSSM {task} process: {e}") from e
+            raise RuntimeError(
+                _("could not start the DeepSSM {task} process: {error}").format(task=task, error=e)
+            ) from e
 
     def startPrediction(
         self,
@@ -221,10 +231,10 @@ class DeepSSMController:
         the error heatmap is right whatever parent transforms the two nodes have.
         """
         if volume is None:
-            raise ValueError("Select an input volume.")
+            raise ValueError(_("Select an input volume."))
         bundlePath = resolve_bundle_path(bundlePath) if bundlePath else ""
         if not bundlePath:
-            raise ValueError("Select a model bundle (folder, its model.json, or .zip).")
+            raise ValueError(_("Select a model bundle (folder, its model.json, or .zip)."))
         self.ensureRequirements()
         from DeepSSMLogic import io
 
@@ -273,9 +283,9 @@ class DeepSSMController:
         (``DeepSSMLogic.commands._cohort_args``); only values other than the defaults are passed on.
         """
         if not cohort or not os.path.exists(cohort):
-            raise ValueError(f"Select an existing cohort file: {cohort}")
+            raise ValueError(_("Select an existing cohort file: {cohort}").format(cohort=cohort))
         if not outputBundle:
-            raise ValueError("Choose where to write the trained bundle.")
+            raise ValueError(_("Choose where to write the trained bundle."))
         cohortOptions = cohort_option_argv(  # validated before anything is installed
             domain=domain.strip(),
             particles=particles,
@@ -314,7 +324,9 @@ class DeepSSMController:
         if result.get("kind") == "prediction":
             scene = self.scene
             if mrml.in_scene(self._volume, scene) is None:
-                raise InputError("the input volume was removed from the scene before the prediction finished")
+                raise InputError(
+                    _("the input volume was removed from the scene before the prediction finished")
+                )
             nodes = mrml.show_prediction(
                 scene, self._volume, result, self.predictions.get(scene, self._volume), self.colourBy
             )
@@ -336,7 +348,11 @@ class DeepSSMController:
         ``mrml.HEATMAP_CHOICES``) and remember it for the next ones; returns the array shown
         (None: nothing to colour by, e.g. "uncertainty" from a bundle without it and no other)."""
         if choice not in mrml.HEATMAP_CHOICES:
-            raise ValueError(f"Colour by must be one of {', '.join(mrml.HEATMAP_CHOICES)}; found {choice!r}")
+            raise ValueError(
+                _("Colour by must be one of {choices}; found {choice!r}").format(
+                    choices=", ".join(mrml.HEATMAP_CHOICES), choice=choice
+                )
+            )
         self.colourBy = choice
         nodes = self.predictions.get(self.scene, self._volume) if self._volume is not None else None
         if nodes is None:
@@ -367,7 +383,9 @@ class DeepSSMController:
             while self.runner.poll():
                 if time.monotonic() > deadline:
                     self.runner.cancel()
-                    raise TimeoutError(f"DeepSSM prediction took longer than {timeout_s} s")
+                    raise TimeoutError(
+                        _("DeepSSM prediction took longer than {seconds} s").format(seconds=timeout_s)
+                    )
                 self.processEvents()
                 time.sleep(0.05)
             outcome = self.runner.outcome
