@@ -213,6 +213,7 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
                     device=args.device,
                     seed=seed,
                     encoder=args.encoder,
+                    restart=True,  # no bundle yet: a checkpoint here is from an interrupted run
                     extra=extra,
                 ),
             )
@@ -599,22 +600,26 @@ def main(argv: list[str] | None = None) -> int:
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
         )
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-        t0 = time.perf_counter()
-        results = {fam: [run_seed(fam, s, args, out) for s in seeds] for fam in args.families}
-        seconds = time.perf_counter() - t0
         config = {k: v for k, v in vars(args).items() if k not in ("from_json",)}
-        doc = {
-            "meta": {
-                "command": command,
-                "seconds": seconds,
-                "seeds": seeds,
-                "config": config,
-                **_machine(args.device),
-            },
-            "results": results,
-            "statistics": analyse(results, args),
-        }
-        atomic_write_json(json_path, json.loads(json.dumps(doc, default=str)))
+        t0 = time.perf_counter()
+        results: dict[str, list[dict[str, Any]]] = {}
+        for fam in args.families:
+            results[fam] = [run_seed(fam, s, args, out) for s in seeds]
+            # after every family, so that a run stopped later still leaves complete families
+            doc = {
+                "meta": {
+                    "command": command,
+                    "seconds": time.perf_counter() - t0,
+                    "seeds": seeds,
+                    "config": config,
+                    "families_done": list(results),
+                    **_machine(args.device),
+                },
+                "results": results,
+                "statistics": analyse(results, args),
+            }
+            atomic_write_json(json_path, json.loads(json.dumps(doc, default=str)))
+            atomic_write_text(args.results, write_markdown(doc))
     text = write_markdown(doc)
     atomic_write_text(args.results, text)
     print(text)
