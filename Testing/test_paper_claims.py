@@ -153,3 +153,6 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "## femur" in (out / "R.md").read_text()
     # a rerun reuses every finished seed (no training)
     assert pc.main(argv) == 0
+    # ... but never a seed made with other settings
+    with pytest.raises(SystemExit, match="epochs"):
+        pc.main([*argv[: argv.index("--epochs")], "--epochs", "2", *argv[argv.index("--epochs") + 2 :]])

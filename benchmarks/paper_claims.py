@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# what a finished seed was made with; a rerun reuses it only with the same values
+SEED_SETTINGS = ("n", "size", "spacing", "particles", "epochs", "augment", "batch_size", "encoder")
 CLAIMS_GRID = {"atrium": ["base-l2", "tl-l2"], "femur": ["base-l2", "base-focal"], "cranium": ["base-l2"]}
 
 
@@ -150,8 +152,16 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
 
     seed_dir = out / family / f"seed{seed}"
     done_file = seed_dir / "seed.json"
+    settings = {k: getattr(args, k) for k in SEED_SETTINGS}
     if done_file.exists():
         done = json.loads(done_file.read_text())
+        stored = done.get("settings")
+        if stored is not None and stored != settings:
+            changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+            raise SystemExit(
+                f"{done_file}: made with other settings {changed} (stored, requested); "
+                "use another --out-dir or delete that seed folder"
+            )
         if set(variants_for(family, args)) <= set(done["models"]):
             print(f"[{family} seed {seed}] reused {done_file}", flush=True)
             return done
@@ -177,6 +187,7 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
     res: dict[str, Any] = {
         "family": family,
         "seed": seed,
+        "settings": settings,
         "test_ids": [s.id for s in test],
         "test_groups": [s.group for s in test],
         "mean_shape": {
@@ -429,6 +440,8 @@ def write_markdown(doc: dict[str, Any]) -> str:
     meta, stats_ = doc["meta"], doc["statistics"]
     cfg = meta["config"]
     paper_claims = [c for c in stats_["claims"] if c.get("paper")]
+    trained = [m for seeds in doc["results"].values() for sd in seeds for m in sd["models"].values()]
+    n_models, train_total = len(trained), sum(m["train_seconds"] for m in trained)
     counts = {
         v: sum(c["verdict"] == v for c in paper_claims)
         for v in ("established", "not established", "contradicted")
@@ -481,7 +494,9 @@ def write_markdown(doc: dict[str, Any]) -> str:
         "## Budget and machine",
         "",
         f"{meta['device']}; {meta['platform']}; Python {meta['python']}; torch {meta['torch']}; "
-        f"{meta['load']}. Total time {meta['seconds'] / 60:.1f} min. Per family and seed: a fresh cohort "
+        f"{meta['load']}. Wall time of the invocation that wrote this: {meta['seconds'] / 60:.1f} min "
+        "(seeds finished by an earlier invocation of the same settings are reused, not retrained); "
+        f"training time summed over all {n_models} models: {train_total / 60:.1f} min. Per family and seed: a fresh cohort "
         f"of {cfg['n']} subjects (split 0.6/0.1/0.3), {cfg['size']}³ voxels at {cfg['spacing']} mm, "
         f"{cfg['particles']} particles; {cfg['epochs']} epochs (TL: the same per stage, joint "
         f"{max(1, cfg['epochs'] // 4)}), {cfg['augment']} offline KDE-augmented samples, batch "
