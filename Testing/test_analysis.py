@@ -85,6 +85,77 @@ def test_group_difference_detects_a_real_difference_where_it_is():
     np.testing.assert_array_equal(again.p_values, res.p_values)  # seeded
 
 
+def _t2_direct(a: np.ndarray, b: np.ndarray) -> float:
+    """Textbook two-sample Hotelling T² of (N, D) samples."""
+    na, nb = len(a), len(b)
+    d = b.mean(axis=0) - a.mean(axis=0)
+    s = ((na - 1) * np.cov(a, rowvar=False) + (nb - 1) * np.cov(b, rowvar=False)) / (na + nb - 2)
+    return float(na * nb / (na + nb) * d @ np.linalg.solve(s, d))
+
+
+def test_hotelling_pointwise_matches_the_textbook_formula():
+    rng = np.random.default_rng(11)
+    a, b = population(9, rng), population(13, rng, bump=1.0)
+    res = groups.hotelling_pointwise(a, b, n_permutations=10, seed=0)
+    for j in (0, 17, 60, 119):
+        assert res.statistic[j] == pytest.approx(_t2_direct(a[:, j], b[:, j]), rel=1e-5)
+
+
+def test_hotelling_no_difference_few_fdr_discoveries():
+    rng = np.random.default_rng(12)
+    same = population(14, rng)
+    res = groups.hotelling_pointwise(same, same.copy(), n_permutations=200, seed=0)
+    assert res.statistic.max() < 1e-9 and res.p_values.min() > 0.5
+    res = groups.hotelling_pointwise(population(15, rng), population(15, rng), n_permutations=400, seed=1)
+    assert (res.p_fdr < 0.05).sum() <= 2  # of 120 points
+    assert res.p_max.min() > 0.05
+    assert np.mean(res.p_values < 0.05) < 0.2  # uncorrected: about 5 % by chance
+
+
+def test_hotelling_planted_bump_found_at_the_bump():
+    rng = np.random.default_rng(13)
+    a, b = population(15, rng), population(15, rng, bump=2.5)
+    nrm = sphere_points() / 10
+    bump_pts, far_pts = nrm[:, 0] > 0.9, nrm[:, 0] < -0.5
+    res = groups.hotelling_pointwise(a, b, n_permutations=500, seed=2)
+    found = res.p_fdr < 0.05
+    assert found[bump_pts].all()
+    assert found[far_pts].mean() < 0.1
+    assert res.p_max[bump_pts].max() < 0.05
+    again = groups.hotelling_pointwise(a, b, n_permutations=500, seed=2)
+    np.testing.assert_array_equal(again.p_values, res.p_values)  # seeded
+
+
+def test_hotelling_sees_a_shift_across_the_main_variation_the_norm_misses():
+    # every point varies a lot along x; group B moves a little along y (where nothing varies):
+    # T² weighs the shift by the covariance, the norm of the mean difference does not
+    rng = np.random.default_rng(14)
+    n, m = 12, 30
+    base = sphere_points(m)
+    x = base[None] + rng.normal(size=(2 * n, m, 3)) * [3.0, 0.05, 0.05]
+    x[n:, :, 1] += 0.2
+    hot = groups.hotelling_pointwise(x[:n], x[n:], n_permutations=300, seed=0)
+    norm = groups.permutation_test(x[:n], x[n:], n_permutations=300, seed=0)
+    assert (hot.p_fdr < 0.05).all()
+    assert (norm.p_fdr < 0.05).mean() < 0.3
+
+
+def test_hotelling_global_on_pca_scores():
+    rng = np.random.default_rng(15)
+    null = groups.hotelling_global(population(15, rng), population(15, rng), n_permutations=300, seed=0)
+    assert null.p_permutation > 0.05 and null.p_f > 0.05
+    a, b = population(15, rng), population(15, rng, bump=2.5)
+    g = groups.hotelling_global(a, b, n_permutations=300, seed=0)
+    assert g.p_permutation < 0.01 and g.p_f < 0.01
+    assert 1 <= g.n_modes <= 27 and g.df == (g.n_modes, 30 - g.n_modes - 1)
+    sa, sb = (np.concatenate([a, b]) - np.concatenate([a, b]).mean(0)).reshape(2, 15, -1)
+    _, _, vt = np.linalg.svd(np.concatenate([sa, sb]), full_matrices=False)
+    direct = _t2_direct(sa @ vt[: g.n_modes].T, sb @ vt[: g.n_modes].T)
+    assert g.t2 == pytest.approx(direct, rel=1e-6)
+    with pytest.raises(InputError, match="2 subjects per group"):
+        groups.hotelling_global(a[:1], b)
+
+
 def test_fdr_bh_hand_values():
     np.testing.assert_allclose(
         groups.fdr_bh(np.array([0.01, 0.04, 0.03, 0.5])), [0.04, 0.16 / 3, 0.16 / 3, 0.5]

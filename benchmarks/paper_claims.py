@@ -1,20 +1,30 @@
-"""Reproduce the DeepSSM paper's claims on the synthetic families and write docs/RESULTS.md.
+"""The DeepSSM paper's claims on the synthetic families, over several seeds, with statistics.
 
-For each family (cranium, femur, atrium) this generates a synthetic cohort, trains Base- and
-TL-DeepSSM each with the L2 and the focal loss (`pipeline.train_model`, the code behind
-`deepssm train`), evaluates every model on the test split (`deepssm evaluate`: RMSE eq. 12 and the
-surface-to-surface distance) and runs the downstream analyses (`deepssm analyze`: severity AUC /
-correlation, descriptor classifier accuracy) on the ground-truth particles and on each model's
-predictions. It then states which of the paper's claims reproduce:
+For each family (cranium, femur, atrium) and each seed this generates a fresh synthetic cohort (the
+seed drives the cohort, the offline augmentation and the network initialisation), trains the 2×2
+grid Base/TL-DeepSSM × L2/focal loss with the paper's network (``encoder="paper"``, pinned here
+whatever ``deepssm train``'s default), evaluates every model on the test split (``deepssm
+evaluate``: RMSE eq. 12, surface distance) and runs the downstream analyses (``deepssm analyze``:
+severity AUC / Pearson, the descriptor classifier) on the ground-truth particles and on each
+model's predictions. Two reference rows: the training mean shape (predicting the same shape for
+everyone) and the ground-truth PDM (downstream only). It then tests the paper's claims
+(``DeepSSMLogic.analysis.stats``; verdicts follow from the tests at ``--alpha``, not from a sign):
 
-- TL-DeepSSM beats Base-DeepSSM on the atrium (non-linear shape variation: appendage swing);
-- the focal loss helps on the femur (variation concentrated in a small region: the cam lesion);
-- DeepSSM descriptors are close to the ground-truth PDM on the downstream tasks (Table 2/3).
+- TL-DeepSSM is more accurate than Base-DeepSSM on the atrium (paired over seeds × test subjects:
+  Wilcoxon signed-rank + two-stage bootstrap of the mean RMSE difference, Cohen's d_z, rank-biserial);
+- the focal loss is more accurate than L2 on the femur (same test);
+- DeepSSM descriptors are as good as the ground-truth PDM downstream (equivalence, two one-sided t
+  tests over seeds, margins ``--margin-auc`` / ``--margin-acc`` / ``--margin-r``), with the per-mode
+  correlation of the predicted and true PDM scores that explains any gap;
+- every model beats the mean shape (sanity).
 
-GPU optional (``--device auto`` uses CUDA when present). The defaults are small enough for a CPU
-workstation; the paper-sized run is ``--n 120 --size 64 --epochs 100 --augment 1000``.
+Writes ``<out-dir>/results.json`` (every per-subject number and the statistics) and regenerates
+``--results`` (docs/RESULTS.md) from that JSON only; ``--from-json`` redoes just that step. A seed's
+finished work is kept in ``<out-dir>/<family>/seed<k>/seed.json`` and reused by a rerun.
 
-    python benchmarks/paper_claims.py --out-dir bench-claims --results docs/RESULTS.md
+    python benchmarks/paper_claims.py --out-dir bench-claims --seeds 5   # defaults: a CPU-sized study
+    python benchmarks/paper_claims.py --n 120 --size 64 --spacing 1.5 --particles 1024 \\
+        --epochs 100 --augment 1000 --seeds 5 --device cuda            # the paper's size (GPU)
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -37,60 +49,165 @@ FAMILY_LABELS = {
     "femur": ("normal", "group", "cam_height"),
     "atrium": ("no_recurrence", "group", None),
 }
-VARIANTS = [("base", "l2"), ("base", "focal"), ("tl", "l2"), ("tl", "focal")]
+VARIANTS = ("base-l2", "base-focal", "tl-l2", "tl-focal")
+MEAN_SHAPE = "mean shape"
+N_MODES_CORR = 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default="bench-claims", help="cohorts, models and reports go here")
+    p.add_argument("--out-dir", default="bench-claims", help="cohorts, models, seed.json and results.json")
     p.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="markdown file to write")
+    p.add_argument("--json", default=None, help="results JSON (default <out-dir>/results.json)")
+    p.add_argument("--from-json", action="store_true", help="only regenerate --results from --json")
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: use the seeds already finished in --out-dir (a stopped run's results)",
+    )
     p.add_argument(
         "--families", nargs="+", default=["cranium", "femur", "atrium"], choices=sorted(FAMILY_LABELS)
     )
-    p.add_argument("--n", type=int, default=60, help="subjects per family (split 0.6/0.1/0.3)")
-    p.add_argument("--size", type=int, default=32, help="image size per axis (voxels)")
-    p.add_argument("--spacing", type=float, default=3.0, help="voxel spacing, mm")
-    p.add_argument("--particles", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=30, help="Base epochs; TL: the same for each stage")
-    p.add_argument("--augment", type=int, default=100, help="offline augmented samples per model")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=VARIANTS,
+        help="models per family (default: --grid)",
+    )
+    p.add_argument(
+        "--grid",
+        default="full",
+        choices=["full", "claims"],
+        help="full: the 2x2 grid on every family; claims: only what each claim needs (atrium Base/TL "
+        "with L2, femur Base with L2/focal, cranium Base L2)",
+    )
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (cohort, augmentation, init)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=40, help="subjects per cohort (split 0.6/0.1/0.3)")
+    p.add_argument("--size", type=int, default=24, help="image size per axis (voxels)")
+    p.add_argument("--spacing", type=float, default=4.0, help="voxel spacing, mm")
+    p.add_argument("--particles", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=20, help="Base epochs; TL: the same for each stage")
+    p.add_argument("--augment", type=int, default=40, help="offline augmented samples per model")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--encoder", default="paper", choices=["paper", "light"], help="pinned to the paper's network"
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--permutations", type=int, default=500)
-    p.add_argument("--variants", nargs="+", default=[f"{v}-{l}" for v, l in VARIANTS])
+    p.add_argument("--permutations", type=int, default=200, help="group-difference permutations")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap draws")
+    p.add_argument("--margin-auc", type=float, default=0.05, help="equivalence margin, severity AUC")
+    p.add_argument("--margin-acc", type=float, default=0.10, help="equivalence margin, accuracy")
+    p.add_argument("--margin-r", type=float, default=0.10, help="equivalence margin, severity Pearson")
     return p.parse_args(argv)
 
 
-def run_family(family: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from DeepSSMLogic import synthetic
+# what a finished seed was made with; a rerun reuses it only with the same values
+SEED_SETTINGS = ("n", "size", "spacing", "particles", "epochs", "augment", "batch_size", "encoder")
+CLAIMS_GRID = {"atrium": ["base-l2", "tl-l2"], "femur": ["base-l2", "base-focal"], "cranium": ["base-l2"]}
+
+
+def variants_for(family: str, args: argparse.Namespace) -> list[str]:
+    if args.variants:
+        return list(args.variants)
+    return list(VARIANTS) if args.grid == "full" else CLAIMS_GRID[family]
+
+
+# -- one seed of one family ---------------------------------------------------------------------------
+def _downstream(an: dict[str, Any], predicted: bool) -> dict[str, Any]:
+    clf = next(
+        (r for name, r in an["classifier"]["results"].items() if ("predicted" in name) == predicted), None
+    )
+    return {
+        "severity_auc": an["severity"]["auc"],
+        "severity_pearson": an["severity"].get("pearson"),
+        "classifier_accuracy": None if clf is None else clf["accuracy"],
+        "classifier_auc": None if clf is None else clf["auc"],
+        "classifier_chance": None if clf is None else clf["chance"],
+        "group_difference": [
+            {k: g[k] for k in g if k.startswith(("points_", "hotelling", "n_points", "max_diff"))}
+            for g in an.get("group_differences", [])
+        ],
+    }
+
+
+def _mode_correlation(gt_fit: np.ndarray, gt_test: np.ndarray, pred_test: np.ndarray) -> dict[str, Any]:
+    """Pearson r between the ground-truth PDM's scores of the true and of the predicted test shapes,
+    per mode (the PDM fitted on the training ground truth), with each mode's variance fraction."""
+    from DeepSSMLogic.analysis.metrics import correlation
+    from DeepSSMLogic.shape_model import ShapeModel
+
+    pdm = ShapeModel.fit(gt_fit)
+    k = min(N_MODES_CORR, pdm.n_modes)
+    s_gt, s_pred = pdm.project(gt_test, n_modes=k), pdm.project(pred_test, n_modes=k)
+    r = [correlation(s_pred[:, j], s_gt[:, j]).pearson if np.ptp(s_gt[:, j]) > 0 else None for j in range(k)]
+    return {"pearson": r, "variance_fraction": [float(v) for v in pdm.explained_variance_ratio[:k]]}
+
+
+def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from DeepSSMLogic import io, synthetic
+    from DeepSSMLogic.analysis import metrics
     from DeepSSMLogic.analysis.downstream import analyze_cohort
     from DeepSSMLogic.analysis.evaluation import evaluate_model
+    from DeepSSMLogic.cohort import load_cohort
+    from DeepSSMLogic.fileutil import atomic_write_json
     from DeepSSMLogic.pipeline import TrainingOptions, train_model
 
+    seed_dir = out / family / f"seed{seed}"
+    done_file = seed_dir / "seed.json"
+    settings = {k: getattr(args, k) for k in SEED_SETTINGS}
+    if done_file.exists():
+        done = json.loads(done_file.read_text())
+        stored = done.get("settings")
+        if stored is not None and stored != settings:
+            changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+            raise SystemExit(
+                f"{done_file}: made with other settings {changed} (stored, requested); "
+                "use another --out-dir or delete that seed folder"
+            )
+        if set(variants_for(family, args)) <= set(done["models"]):
+            print(f"[{family} seed {seed}] reused {done_file}", flush=True)
+            return done
     normal, label_col, sev_col = FAMILY_LABELS[family]
-    fam_dir = out / family
-    cohort = fam_dir / "cohort" / "cohort.csv"
+    cohort = seed_dir / "cohort" / "cohort.csv"
     if not cohort.exists():
         synthetic.generate_cohort(
             family,
             args.n,
-            fam_dir / "cohort",
-            seed=args.seed,
+            seed_dir / "cohort",
+            seed=seed,
             image_size=(args.size,) * 3,
             spacing=args.spacing,
             n_particles=args.particles,
             split=(0.6, 0.1, 0.3),
         )
+    coh = load_cohort(cohort)
+    test = coh.by_split("test")
+    fit = coh.by_split("train", "val")
+    gt_test, gt_fit = coh.particles(test), coh.particles(fit)
     common = {"normal_group": normal, "label_column": label_col, "severity_column": sev_col}
-    res: dict[str, Any] = {"models": {}}
-    t0 = time.perf_counter()
-    res["ground_truth"] = analyze_cohort(
-        cohort, fam_dir / "analysis-gt", n_permutations=args.permutations, seed=args.seed, **common
+    an_opts = {"n_permutations": args.permutations, "seed": seed, "render": False}
+    res: dict[str, Any] = {
+        "family": family,
+        "seed": seed,
+        "settings": settings,
+        "test_ids": [s.id for s in test],
+        "test_groups": [s.group for s in test],
+        "mean_shape": {
+            "rmse_mm": [
+                float(v) for v in metrics.rmse(np.broadcast_to(gt_fit.mean(0), gt_test.shape), gt_test)
+            ]
+        },
+        "models": {},
+    }
+    res["ground_truth"] = _downstream(
+        analyze_cohort(cohort, seed_dir / "analysis-gt", **common, **an_opts), False
     )
-    res["ground_truth"]["seconds"] = time.perf_counter() - t0
-    for name in args.variants:
+    for name in variants_for(family, args):
         variant, loss = name.split("-")
-        model_dir = fam_dir / f"model-{name}"
+        model_dir = seed_dir / f"model-{name}"
         extra: dict[str, Any] = {}
         if variant == "tl":
             extra = {
@@ -110,135 +227,490 @@ def run_family(family: str, args: argparse.Namespace, out: Path) -> dict[str, An
                     epochs=args.epochs,
                     batch_size=args.batch_size,
                     device=args.device,
-                    seed=args.seed,
-                    encoder="paper",  # the paper's network, whatever `deepssm train` defaults to
+                    seed=seed,
+                    encoder=args.encoder,
+                    restart=True,  # no bundle yet: a checkpoint here is from an interrupted run
                     extra=extra,
                 ),
             )
         t_train = time.perf_counter() - t0
-        ev = evaluate_model(model_dir, cohort, fam_dir / f"eval-{name}", device=args.device, align=False)
+        ev = evaluate_model(
+            model_dir, cohort, seed_dir / f"eval-{name}", device=args.device, align=False, render=False
+        )
+        by_id = {r["id"]: r for r in ev["subjects"]}
+        pred = np.stack(
+            [io.read_particles(seed_dir / f"eval-{name}" / "predictions" / f"{s.id}.particles") for s in test]
+        )
         an = analyze_cohort(
             cohort,
-            fam_dir / f"analysis-{name}",
+            seed_dir / f"analysis-{name}",
             model=model_dir,
-            n_permutations=args.permutations,
-            seed=args.seed,
             device=args.device,
             align=False,
             **common,
+            **an_opts,
         )
-        res["models"][name] = {"train_seconds": t_train, "evaluate": ev, "analyze": an}
-        print(f"[{family}] {name}: RMSE {ev['rmse_mm']['mean']:.3f} mm", flush=True)
+        res["models"][name] = {
+            "train_seconds": t_train,
+            "rmse_mm": [by_id[s.id]["rmse_mm"] for s in test],
+            "surface_mean_mm": [by_id[s.id].get("surface_mean_mm") for s in test],
+            "downstream": _downstream(an, True),
+            "mode_correlation": _mode_correlation(gt_fit, gt_test, pred),
+        }
+        print(
+            f"[{family} seed {seed}] {name}: RMSE {np.mean(res['models'][name]['rmse_mm']):.3f} mm "
+            f"(train {t_train:.0f} s)",
+            flush=True,
+        )
+    atomic_write_json(done_file, res)
     return res
 
 
-def _fmt(v: Any, nd: int = 3) -> str:
-    return "–" if v is None else f"{v:.{nd}f}"
+# -- statistics -------------------------------------------------------------------------------------
+def _paired(
+    seeds: list[dict[str, Any]], a: str, b: str, args: argparse.Namespace, key: str = "rmse_mm"
+) -> dict[str, Any]:
+    from DeepSSMLogic.analysis import stats
+
+    def values(s: dict[str, Any], name: str) -> list[float]:
+        return s["mean_shape"][key] if name == MEAN_SHAPE else s["models"][name][key]
+
+    va = np.concatenate([values(s, a) for s in seeds])
+    vb = np.concatenate([values(s, b) for s in seeds])
+    cl = np.concatenate([[s["seed"]] * len(values(s, a)) for s in seeds])
+    r = stats.paired_comparison(va, vb, clusters=cl, alpha=args.alpha, n_boot=args.n_boot, seed=0).to_dict()
+    per_seed = [float(np.mean(values(s, b)) - np.mean(values(s, a))) for s in seeds]
+    r.update({"a": a, "b": b, "metric": key, "per_seed_mean_diff": per_seed})
+    return r
 
 
-def _clf(an: dict[str, Any], predicted: bool) -> float | None:
-    for name, r in an["classifier"]["results"].items():
-        if ("predicted" in name) == predicted:
-            return r["accuracy"]
-    return None
+def _cell(values: list[float | None]) -> dict[str, Any] | None:
+    from DeepSSMLogic.analysis import stats
+
+    v = [x for x in values if x is not None]
+    return None if not v else stats.mean_ci(v).to_dict()
 
 
-def verdicts(results: dict[str, Any]) -> list[str]:
-    lines = []
+DOWNSTREAM_METRICS = (
+    ("severity_auc", "margin_auc"),
+    ("severity_pearson", "margin_r"),
+    ("classifier_accuracy", "margin_acc"),
+)
 
-    def rmse(fam: str, name: str) -> float | None:
-        m = results.get(fam, {}).get("models", {}).get(name)
-        return m["evaluate"]["rmse_mm"]["mean"] if m else None
 
-    a_base, a_tl = rmse("atrium", "base-l2"), rmse("atrium", "tl-l2")
-    if a_base is not None and a_tl is not None:
-        ok = a_tl < a_base
-        lines.append(
-            f"- **TL-DeepSSM better than Base on atrium**: {'REPRODUCED' if ok else 'NOT reproduced'} "
-            f"(RMSE TL {a_tl:.3f} mm vs Base {a_base:.3f} mm)."
+def analyse(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> dict[str, Any]:
+    """Cells (mean ± 95 % t interval over seeds of the per-seed means), paired comparisons and the
+    claims' verdicts."""
+    from DeepSSMLogic.analysis import stats
+
+    out: dict[str, Any] = {"cells": {}, "comparisons": [], "claims": []}
+    for fam, seeds in results.items():
+        names = [n for n in VARIANTS if all(n in s["models"] for s in seeds)]
+        cells: dict[str, Any] = {
+            MEAN_SHAPE: {"rmse_mm": _cell([float(np.mean(s["mean_shape"]["rmse_mm"])) for s in seeds])}
+        }
+        cells["ground-truth PDM"] = {
+            m: _cell([s["ground_truth"][m] for s in seeds]) for m, _ in DOWNSTREAM_METRICS
+        }
+        for n in names:
+            ms = [s["models"][n] for s in seeds]
+            c = {
+                "rmse_mm": _cell([float(np.mean(m["rmse_mm"])) for m in ms]),
+                "surface_mean_mm": _cell(
+                    [
+                        float(np.mean([x for x in m["surface_mean_mm"] if x is not None]))
+                        for m in ms
+                        if any(m["surface_mean_mm"])
+                    ]
+                ),
+                "train_seconds": _cell([m["train_seconds"] for m in ms]),
+            }
+            c.update({m: _cell([x["downstream"][m] for x in ms]) for m, _ in DOWNSTREAM_METRICS})
+            corr = np.array(
+                [[np.nan if r is None else r for r in m["mode_correlation"]["pearson"]] for m in ms],
+                dtype=float,
+            )
+            var = np.array([m["mode_correlation"]["variance_fraction"] for m in ms], dtype=float)
+            c["mode_correlation"] = {
+                "pearson_mean": [float(np.nanmean(corr[:, j])) for j in range(corr.shape[1])],
+                "variance_fraction_mean": [float(var[:, j].mean()) for j in range(var.shape[1])],
+            }
+            cells[n] = c
+        out["cells"][fam] = cells
+        # every pair of the grid, and each model against the mean shape
+        pairs = [(MEAN_SHAPE, n) for n in names]
+        pairs += [(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))]
+        for a, b in pairs:
+            out["comparisons"].append({"family": fam, **_paired(seeds, a, b, args)})
+
+        def comparison(a: str, b: str, fam: str = fam) -> dict[str, Any] | None:
+            return next((c for c in out["comparisons"] if (c["family"], c["a"], c["b"]) == (fam, a, b)), None)
+
+        for n in names:
+            c = comparison(MEAN_SHAPE, n)
+            out["claims"].append(
+                {
+                    "claim": f"{fam}: {n} more accurate than the mean shape (RMSE)",
+                    "kind": "difference",
+                    "family": fam,
+                    "test": c,
+                    "verdict": c["verdict"],
+                }
+            )
+        if fam == "atrium":
+            for loss in ("l2", "focal"):
+                c = comparison(f"base-{loss}", f"tl-{loss}")
+                if c:
+                    out["claims"].append(
+                        {
+                            "claim": f"atrium: TL-DeepSSM more accurate than Base ({loss} loss; paper §5.3)",
+                            "kind": "difference",
+                            "family": fam,
+                            "test": c,
+                            "verdict": c["verdict"],
+                            "paper": True,
+                        }
+                    )
+        if fam == "femur":
+            for v in ("base", "tl"):
+                c = comparison(f"{v}-l2", f"{v}-focal")
+                if c:
+                    out["claims"].append(
+                        {
+                            "claim": f"femur: focal loss more accurate than L2 ({v}; paper §3.4/§5.2)",
+                            "kind": "difference",
+                            "family": fam,
+                            "test": c,
+                            "verdict": c["verdict"],
+                            "paper": True,
+                        }
+                    )
+        for n in names:
+            for metric, margin_name in DOWNSTREAM_METRICS:
+                gt = [s["ground_truth"][metric] for s in seeds]
+                pr = [s["models"][n]["downstream"][metric] for s in seeds]
+                if any(v is None for v in gt + pr):
+                    continue
+                e = stats.equivalence(gt, pr, margin=getattr(args, margin_name), alpha=args.alpha).to_dict()
+                out["claims"].append(
+                    {
+                        "claim": f"{fam}: {n} descriptors as good as the ground-truth PDM, {metric.replace('_', ' ')} (within ±{e['margin']:g})",
+                        "kind": "equivalence",
+                        "family": fam,
+                        "metric": metric,
+                        "model": n,
+                        "test": e,
+                        "verdict": e["verdict"],
+                        "paper": True,
+                    }
+                )
+    return out
+
+
+# -- markdown ---------------------------------------------------------------------------------------
+def _f(v: Any, nd: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def _ci(c: dict[str, Any] | None, nd: int = 3) -> str:
+    if not c:
+        return "–"
+    return f"{_f(c['mean'], nd)} [{_f(c['lo'], nd)}, {_f(c['hi'], nd)}]"
+
+
+def _p(p: float) -> str:
+    return "< 1e-4" if p < 1e-4 else f"{p:.4f}"
+
+
+def _claim_line(cl: dict[str, Any]) -> str:
+    t = cl["test"]
+    if cl["kind"] == "difference":
+        detail = (
+            f"mean RMSE {t['mean_a']:.3f} → {t['mean_b']:.3f} mm, difference {t['mean_diff']:+.3f} mm "
+            f"[{t['ci_lo']:+.3f}, {t['ci_hi']:+.3f}] (bootstrap 95 %), Wilcoxon p {_p(t['wilcoxon_p'])}, "
+            f"d_z {t['cohen_dz']:+.2f}, rank-biserial {t['rank_biserial']:+.2f}, better on "
+            f"{100 * t['b_better_fraction']:.0f} % of {t['n']} pairs; per-seed differences "
+            + ", ".join(f"{d:+.3f}" for d in t["per_seed_mean_diff"])
         )
-    for v in ("base", "tl"):
-        f_l2, f_focal = rmse("femur", f"{v}-l2"), rmse("femur", f"{v}-focal")
-        if f_l2 is not None and f_focal is not None:
-            ok = f_focal < f_l2
-            lines.append(
-                f"- **Focal loss better on femur ({v})**: {'REPRODUCED' if ok else 'NOT reproduced'} "
-                f"(RMSE focal {f_focal:.3f} mm vs L2 {f_l2:.3f} mm)."
+    else:
+        detail = (
+            f"ground truth {t['mean_a']:.3f} vs predicted {t['mean_b']:.3f}, difference {t['mean_diff']:+.3f}, "
+            f"90 % interval [{t['tost_lo']:+.3f}, {t['tost_hi']:+.3f}] vs margin ±{t['margin']:g} "
+            f"(95 %: [{t['ci_lo']:+.3f}, {t['ci_hi']:+.3f}]; {t['n']} seeds)"
+        )
+    return f"- **{cl['claim']}**: **{cl['verdict']}** — {detail}."
+
+
+def write_markdown(doc: dict[str, Any]) -> str:
+    meta, stats_ = doc["meta"], doc["statistics"]
+    cfg = meta["config"]
+    paper_claims = [c for c in stats_["claims"] if c.get("paper")]
+    trained = [m for seeds in doc["results"].values() for sd in seeds for m in sd["models"].values()]
+    n_models, train_total = len(trained), sum(m["train_seconds"] for m in trained)
+    counts = {
+        v: sum(c["verdict"] == v for c in paper_claims)
+        for v in ("established", "not established", "contradicted")
+    }
+    out = [
+        "# The paper's claims on synthetic data, with statistics",
+        "",
+        "Generated by `benchmarks/paper_claims.py` from its results JSON only (`--from-json` regenerates "
+        "it); do not edit by hand. Exact command:",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+        "## Plain reading",
+        "",
+        f"Of the paper's {len(paper_claims)} claim tests below, {counts['established']} are **established**, "
+        f"{counts['not established']} **not established** and {counts['contradicted']} **contradicted** at "
+        f"α = {cfg['alpha']} — at this budget (below), which is far smaller than the paper's; a claim that is "
+        "not established here is untested at the paper's size, not refuted.",
+        "",
+        *_incomplete_reading(doc),
+        *_sanity_reading(stats_),
+        "How the verdicts are made (and the tests that pin the rules down):",
+        "",
+        "- *Difference claims* (TL vs Base, focal vs L2, model vs mean shape): paired over the same test "
+        "subjects of the same seeds; **established** when the Wilcoxon signed-rank p < α *and* the "
+        "two-stage bootstrap 95 % interval of the mean difference (seeds resampled, then subjects within "
+        "a seed, so the seed-to-seed variance counts) excludes 0 on the claimed side; **contradicted** "
+        "when both hold on the other side; otherwise not established. Effect sizes: paired Cohen's d_z "
+        "and the matched-pairs rank-biserial correlation. `Testing/test_stats.py` checks these rules on "
+        "constructed data (identical models → not established; a consistent improvement → established; "
+        "a consistent worsening → contradicted; a right sign inside the spread → not established; seeds "
+        "that disagree widen the interval).",
+        f"- *Downstream claims* (DeepSSM descriptors as good as the ground-truth PDM): equivalence by two "
+        f"one-sided t tests over seeds: **established** when the 90 % interval of (predicted − ground "
+        f"truth) lies inside ±margin (AUC {cfg['margin_auc']}, Pearson {cfg['margin_r']}, accuracy "
+        f"{cfg['margin_acc']}); **contradicted** when the 95 % interval lies wholly outside it.",
+        "- Cells: mean [95 % Student-t interval] over seeds of the per-seed value (the mean over the test "
+        "subjects for RMSE).",
+        "- The atrium's AF-recurrence outcome is predictable from shape, so its downstream comparison is "
+        "not vacuous: `Testing/test_synthetic.py::test_atrium_recurrence_predictable_from_ground_truth_pdm` "
+        "(asserts a ground-truth PDM held-out AUC ≥ 0.75 on 5 shape-only cohorts; measured 0.86, range 0.75–0.92; "
+        "the earlier outcome rule, mesh sphericity carried by a mode below the PDM's 95 % cut, gave 0.50, range "
+        "0.35–0.73, i.e. chance).",
+        "- Group differences (the `group_difference` entries of the JSON): point-wise Hotelling T² with "
+        "permutation p-values and Benjamini–Hochberg FDR, the global T² on PCA scores, and the older "
+        "norm-of-mean-difference permutation test: `Testing/test_analysis.py` (no difference → few "
+        "discoveries; a planted local bump → discoveries at the bump).",
+        "- The script itself: `Testing/test_paper_claims.py` (a tiny run end to end, JSON → markdown).",
+        "",
+        "## Budget and machine",
+        "",
+        f"{meta['device']}; {meta['platform']}; Python {meta['python']}; torch {meta['torch']}; "
+        f"{meta['load']}. Wall time of the invocation that wrote this: {meta['seconds'] / 60:.1f} min "
+        "(seeds finished by an earlier invocation of the same settings are reused, not retrained); "
+        f"training time summed over all {n_models} models: {train_total / 60:.1f} min. Per family and seed: a fresh cohort "
+        f"of {cfg['n']} subjects (split 0.6/0.1/0.3), {cfg['size']}³ voxels at {cfg['spacing']} mm, "
+        f"{cfg['particles']} particles; {cfg['epochs']} epochs (TL: the same per stage, joint "
+        f"{max(1, cfg['epochs'] // 4)}), {cfg['augment']} offline KDE-augmented samples, batch "
+        f"{cfg['batch_size']}, encoder `{cfg['encoder']}` (the paper's network); seeds requested "
+        f"{', '.join(str(s) for s in meta['seeds'])} (each seed: cohort, augmentation and initialisation); "
+        "seeds finished: "
+        + "; ".join(
+            f"{fam} {', '.join(str(sd['seed']) for sd in sds)}" for fam, sds in doc["results"].items()
+        )
+        + ". "
+        "Models are evaluated on the test split with the images in the model frame (`--no-align`: the "
+        "synthetic cohorts share one frame). RMSE is paper eq. 12 (mean of per-axis RMSE, mm). Severity: "
+        "PPCA (95 %) of the normal training subjects, scored on the test split (AUC vs the group label, "
+        "Pearson vs the cohort's severity / cam height). Classifier: top-10 trimmed descriptors, logistic "
+        "regression, held-out accuracy on the test split. The paper-sized study is "
+        "`--n 120 --size 64 --spacing 1.5 --particles 1024 --epochs 100 --augment 1000` (a GPU job).",
+        "",
+        "Models per family: "
+        + "; ".join(
+            f"{fam}: {', '.join(n for n in cells if n not in (MEAN_SHAPE, 'ground-truth PDM'))}"
+            for fam, cells in stats_["cells"].items()
+        )
+        + f" (`--grid {cfg.get('grid', 'full')}`).",
+        "",
+        "## Claims",
+        "",
+        *[_claim_line(c) for c in paper_claims],
+        "",
+        "Sanity (every model against predicting the training mean shape):",
+        "",
+        *[_claim_line(c) for c in stats_["claims"] if not c.get("paper")],
+        "",
+    ]
+    for fam, cells in stats_["cells"].items():
+        models = [n for n in cells if n not in (MEAN_SHAPE, "ground-truth PDM")]
+        out += [
+            f"## {fam}",
+            "",
+            "| row | RMSE (mm) | surface (mm) | severity AUC | severity Pearson | classifier acc. | train (s) |",
+            "|---|---|---|---|---|---|---|",
+            f"| mean shape | {_ci(cells[MEAN_SHAPE]['rmse_mm'])} | – | – | – | – | – |",
+            f"| ground-truth PDM | 0 | 0 | {_ci(cells['ground-truth PDM']['severity_auc'])} | "
+            f"{_ci(cells['ground-truth PDM']['severity_pearson'])} | {_ci(cells['ground-truth PDM']['classifier_accuracy'])} | – |",
+        ]
+        for n in models:
+            c = cells[n]
+            out.append(
+                f"| {n} | {_ci(c['rmse_mm'])} | {_ci(c['surface_mean_mm'])} | {_ci(c['severity_auc'])} | "
+                f"{_ci(c['severity_pearson'])} | {_ci(c['classifier_accuracy'])} | {_ci(c['train_seconds'], 0)} |"
             )
-    for fam, fres in results.items():
-        gt = fres["ground_truth"]
-        for name, m in fres["models"].items():
-            if not name.endswith("l2"):
-                continue
-            an = m["analyze"]
-            # the paper's downstream task: severity for the cranium (Table 2), group shape for the
-            # femur, AF-recurrence classification for the atrium (Table 3); all are reported
-            uses_severity = FAMILY_LABELS[fam][2] is not None
-            d_auc = abs(an["severity"]["auc"] - gt["severity"]["auc"])
-            acc_gt, acc_pred = _clf(gt, False), _clf(an, True)
-            d_acc = abs(acc_pred - acc_gt) if acc_gt is not None and acc_pred is not None else None
-            close = (not uses_severity or d_auc <= 0.05) and (d_acc is None or d_acc <= 0.10)
-            lines.append(
-                f"- **{fam}, {name} descriptors close to the ground-truth PDM downstream**: "
-                f"{'REPRODUCED' if close else 'NOT reproduced'} (severity AUC {an['severity']['auc']:.3f} vs "
-                f"{gt['severity']['auc']:.3f}; classifier accuracy {_fmt(acc_pred)} vs {_fmt(acc_gt)}; "
-                f"thresholds: {'|ΔAUC| ≤ 0.05, ' if uses_severity else ''}|Δaccuracy| ≤ 0.10)."
+        if models:
+            k = len(cells[models[0]]["mode_correlation"]["pearson_mean"])
+            out += [
+                "",
+                "Per-mode correlation (Pearson r, mean over seeds) between the ground-truth PDM scores of the "
+                "true and of the predicted test shapes; the header gives each mode's variance fraction "
+                "(mean over seeds). A mode with low r is one the network does not recover, and downstream "
+                "tasks that rely on it lose accuracy.",
+                "",
+                "| model | "
+                + " | ".join(
+                    f"mode {j + 1} ({100 * cells[models[0]]['mode_correlation']['variance_fraction_mean'][j]:.1f} %)"
+                    for j in range(k)
+                )
+                + " |",
+                "|---|" + "---|" * k,
+            ]
+            for n in models:
+                out.append(
+                    f"| {n} | "
+                    + " | ".join(_f(r, 2) for r in cells[n]["mode_correlation"]["pearson_mean"])
+                    + " |"
+                )
+        out += _group_table(doc["results"].get(fam, []), models, int(cfg["permutations"]))
+        comps = [c for c in stats_["comparisons"] if c["family"] == fam]
+        out += [
+            "",
+            "Paired RMSE comparisons (B − A, mm; negative: B better):",
+            "",
+            "| A | B | mean diff. [95 % bootstrap] | Wilcoxon p | d_z | rank-biserial | B better on | verdict (B better) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comps:
+            out.append(
+                f"| {c['a']} | {c['b']} | {c['mean_diff']:+.3f} [{c['ci_lo']:+.3f}, {c['ci_hi']:+.3f}] | "
+                f"{_p(c['wilcoxon_p'])} | {c['cohen_dz']:+.2f} | {c['rank_biserial']:+.2f} | "
+                f"{100 * c['b_better_fraction']:.0f} % of {c['n']} | {c['verdict']} |"
             )
+        out.append("")
+    return "\n".join(out)
+
+
+def _resolution(seeds: list[dict[str, Any]], perms: int) -> str:
+    e = next((g for s in seeds for g in s["ground_truth"].get("group_difference", [])), None)
+    if not e or not e.get("n_points"):
+        return "–."
+    m = e["n_points"]
+    k = int(np.ceil(m / (0.05 * (perms + 1)) - 1e-9))
+    return (
+        f"here {m} points and {perms} permutations, so a difference confined to fewer than {k} particles "
+        "(the femur's cam) cannot pass FDR whatever its size; the global T² has no such limit."
+    )
+
+
+def _incomplete_reading(doc: dict[str, Any]) -> list[str]:
+    """A loud line when the run stopped before every requested family and seed finished."""
+    meta = doc["meta"]
+    wanted = len(meta["seeds"])
+    done = {fam: len(sds) for fam, sds in doc["results"].items()}
+    missing = [f for f in meta["config"]["families"] if f not in done]
+    short = {f: n for f, n in done.items() if n < wanted}
+    if not missing and not short:
+        return []
+    what = [f"{f}: {n} of {wanted} seeds" for f, n in short.items()]
+    what += [f"{f}: left out (fewer than 2 seeds finished)" for f in missing]
+    return [
+        f"**This run stopped before it finished** ({'; '.join(what)}); the intervals and tests below use "
+        "only the finished seeds, and a rerun of the same command (without `--finished-only`) trains the rest.",
+        "",
+    ]
+
+
+def _sanity_reading(stats_: dict[str, Any]) -> list[str]:
+    """Whether the networks learned anything at this budget (beat the mean shape), and what the
+    ground-truth PDM achieves downstream: the context every claim verdict needs."""
+    sanity = [c for c in stats_["claims"] if not c.get("paper")]
+    beat = [c for c in sanity if c["verdict"] == "established"]
+    lines = [
+        f"- Models established as more accurate than predicting the training mean shape: {len(beat)} of "
+        f"{len(sanity)}"
+        + (
+            " — at this budget the networks have not (yet) learned the shapes, so the model-vs-model "
+            "claims below compare near-mean predictions and cannot be settled here."
+            if len(beat) < len(sanity)
+            else "."
+        ),
+    ]
+    for fam, cells in stats_["cells"].items():
+        gt = cells["ground-truth PDM"]
+        parts = [
+            f"{label} {_ci(gt[m])}"
+            for m, label in (
+                ("severity_auc", "severity AUC"),
+                ("severity_pearson", "severity Pearson"),
+                ("classifier_accuracy", "classifier accuracy"),
+            )
+            if gt.get(m)
+        ]
+        lines.append(f"- {fam}, ground-truth PDM downstream (mean [95 % CI] over seeds): {', '.join(parts)}.")
+    return [*lines, ""]
+
+
+def _group_table(seeds: list[dict[str, Any]], models: list[str], perms: int) -> list[str]:
+    """Group differences (first abnormal group vs the normal one) per row, mean over seeds: FDR
+    discoveries of the point-wise Hotelling T² and of the norm of the mean difference, and the
+    median global-T² permutation p."""
+
+    def entries(row: str) -> list[dict[str, Any]]:
+        got = []
+        for s in seeds:
+            down = s["ground_truth"] if row == "ground-truth PDM" else s["models"][row]["downstream"]
+            if down.get("group_difference"):
+                got.append(down["group_difference"][0])
+        return got
+
+    lines = [
+        "",
+        "Group differences (abnormal vs normal group, all subjects; mean over seeds): points with "
+        "FDR-adjusted p < 0.05 for the point-wise Hotelling T² and for the norm of the mean difference, "
+        "and the median permutation p of the global T² on PCA scores. With P permutations the smallest "
+        "p is 1/(P + 1), so Benjamini–Hochberg over M points can only reach 0.05 when at least "
+        "M / (0.05 (P + 1)) points share that p: "
+        f"{_resolution(seeds, perms)}",
+        "",
+        "| particles | Hotelling T² FDR points | norm FDR points | global T² p (median) |",
+        "|---|---|---|---|",
+    ]
+    for row in ["ground-truth PDM", *models]:
+        e = entries(row)
+        hot = [x["hotelling_points_fdr_lt_0.05"] for x in e if "hotelling_points_fdr_lt_0.05" in x]
+        glob = [x["hotelling_global_p_permutation"] for x in e if "hotelling_global_p_permutation" in x]
+        norm = [x["points_fdr_lt_0.05"] for x in e]
+        if not e:
+            continue
+        n_points = e[0].get("n_points", 0)
+        lines.append(
+            f"| {row} | {_f(float(np.mean(hot)), 1) if hot else '–'} of {n_points} | "
+            f"{_f(float(np.mean(norm)), 1)} of {n_points} | {_f(float(np.median(glob)), 4) if glob else '–'} |"
+        )
     return lines
 
 
-def write_markdown(results: dict[str, Any], args: argparse.Namespace, command: str, seconds: float) -> str:
+def _machine(device: str) -> dict[str, Any]:
+    import os
+
     import torch
 
-    device = args.device
     if device == "auto":
         device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-    out = [
-        "# Reproducing the paper's claims on synthetic data",
-        "",
-        "Generated by `benchmarks/paper_claims.py`; do not edit by hand. Exact command:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"Device: {device}; {platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}. "
-        f"Total time {seconds / 60:.1f} min. Cohorts: {args.n} subjects per family (split 0.6/0.1/0.3), "
-        f"{args.size}³ voxels at {args.spacing} mm, {args.particles} particles; {args.epochs} epochs, "
-        f"{args.augment} augmented samples, seed {args.seed}. Models evaluated on the test split with "
-        "the images in the model frame (`--no-align`: the synthetic cohorts share one frame).",
-        "",
-        "RMSE is paper eq. 12 (mean of per-axis RMSE), surface distance the symmetric mean point-to-cell "
-        "distance between the ground-truth mesh and the template mesh warped to the predicted particles; "
-        "mean ± std over test subjects, mm. Severity: PPCA (95 %) of the normal training subjects, scored on "
-        "the test split (AUC vs the group label, Pearson vs the ground-truth severity/cam height). "
-        "Classifier: top-10 trimmed descriptors, logistic regression, held-out accuracy.",
-        "",
-        "| family | model | RMSE (mm) | surface (mm) | Hausdorff (mm) | severity AUC | severity Pearson | classifier acc. | train (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for fam, fres in results.items():
-        gt = fres["ground_truth"]
-        out.append(
-            f"| {fam} | ground-truth PDM | 0 | 0 | 0 | {_fmt(gt['severity']['auc'])} | "
-            f"{_fmt(gt['severity'].get('pearson'))} | {_fmt(_clf(gt, False))} | – |"
-        )
-        for name, m in fres["models"].items():
-            ev, an = m["evaluate"], m["analyze"]
-            sd = ev.get("surface_mean_mm", {})
-            hd = ev.get("surface_hausdorff_mm", {})
-            out.append(
-                f"| {fam} | {name} | {ev['rmse_mm']['mean']:.3f} ± {ev['rmse_mm']['std']:.3f} | "
-                f"{_fmt(sd.get('mean'))} ± {_fmt(sd.get('std'))} | {_fmt(hd.get('mean'))} | "
-                f"{_fmt(an['severity']['auc'])} | {_fmt(an['severity'].get('pearson'))} | "
-                f"{_fmt(_clf(an, True))} | {m['train_seconds']:.0f} |"
-            )
-    out += ["", "## Claims", "", *verdicts(results), ""]
-    out += [
-        "Reports: `<out-dir>/<family>/eval-<model>/report.html` and `analysis-*/report.html`.",
-        "",
-    ]
-    return "\n".join(out)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "device": f"device {device}, {os.cpu_count()} CPU cores",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load": "load average at the end " + ("/".join(f"{x:.1f}" for x in load) if load else "unknown"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,15 +718,46 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/paper_claims.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
-    t0 = time.perf_counter()
-    results = {fam: run_family(fam, args, out) for fam in args.families}
-    seconds = time.perf_counter() - t0
-    atomic_write_json(out / "results.json", json.loads(json.dumps(results, default=str)))
-    text = write_markdown(results, args, command, seconds)
+    json_path = Path(args.json) if args.json else out / "results.json"
+    if args.from_json:
+        # the statistics are recomputed from the stored per-subject results and the run's settings
+        doc = json.loads(json_path.read_text())
+        doc["statistics"] = analyse(doc["results"], argparse.Namespace(**doc["meta"]["config"]))
+        atomic_write_json(json_path, json.loads(json.dumps(doc, default=str)))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/paper_claims.py " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+        )
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        config = {k: v for k, v in vars(args).items() if k not in ("from_json",)}
+        t0 = time.perf_counter()
+        results: dict[str, list[dict[str, Any]]] = {}
+        for fam in args.families:
+            if args.finished_only:
+                done = [s for s in seeds if (out / fam / f"seed{s}" / "seed.json").exists()]
+                if len(done) < 2:
+                    print(f"[{fam}] {len(done)} finished seed(s): left out (statistics need 2)", flush=True)
+                    continue
+                results[fam] = [run_seed(fam, s, args, out) for s in done]
+            else:
+                results[fam] = [run_seed(fam, s, args, out) for s in seeds]
+            # after every family, so that a run stopped later still leaves complete families
+            doc = {
+                "meta": {
+                    "command": command,
+                    "seconds": time.perf_counter() - t0,
+                    "seeds": seeds,
+                    "config": config,
+                    "families_done": list(results),
+                    **_machine(args.device),
+                },
+                "results": results,
+                "statistics": analyse(results, args),
+            }
+            atomic_write_json(json_path, json.loads(json.dumps(doc, default=str)))
+            atomic_write_text(args.results, write_markdown(doc))
+    text = write_markdown(doc)
     atomic_write_text(args.results, text)
     print(text)
     return 0

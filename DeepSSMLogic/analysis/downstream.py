@@ -1,5 +1,6 @@
 """``deepssm analyze``: the paper's downstream tasks on a labelled cohort — severity (PPCA of the
-normal group, eq. 13-15), group differences with a permutation test, a latent swim between group
+normal group, eq. 13-15), group differences (point-wise and global Hotelling T², and the norm of the
+mean difference, with permutation tests), a latent swim between group
 means and the descriptor classifier (Table 3 protocol) — on ground-truth particles, or on the
 particles and descriptors predicted by a model bundle. Writes analysis.json, subjects.csv and an
 HTML report with its figures.
@@ -323,7 +324,27 @@ def analyze_cohort(
             "points_fdr_lt_0.05": int((perm.p_fdr < 0.05).sum()),
             "points_fwer_lt_0.05": int((perm.p_max < 0.05).sum()),
             "n_points": len(perm.p_values),
+            "statistic": "norm of the mean difference (points_*); Hotelling T² (hotelling_*)",
         }
+        hot = None
+        if len(a) >= 2 and len(b) >= 2 and len(a) + len(b) >= 5:
+            hot = groups.hotelling_pointwise(a, b, n_permutations=n_permutations, seed=seed, cancel=cancel)
+            glob = groups.hotelling_global(
+                a, b, variance_fraction, n_permutations=n_permutations, seed=seed, cancel=cancel
+            )
+            entry.update(
+                {
+                    "hotelling_points_p_lt_0.05": int((hot.p_values < 0.05).sum()),
+                    "hotelling_points_fdr_lt_0.05": int((hot.p_fdr < 0.05).sum()),
+                    "hotelling_points_fwer_lt_0.05": int((hot.p_max < 0.05).sum()),
+                    "hotelling_global_t2": glob.t2,
+                    "hotelling_global_modes": glob.n_modes,
+                    "hotelling_global_p_f": glob.p_f,
+                    "hotelling_global_p_permutation": glob.p_permutation,
+                }
+            )
+        else:
+            entry["hotelling"] = "skipped: needs at least 2 subjects per group and 5 in all"
         result["group_differences"].append(entry)
         if render:
             # the two figures differ only in values, names and colour scale
@@ -346,8 +367,20 @@ def analyze_cohort(
                     "group_pvalues",
                     f"{other} vs {normal_group}: −log10 p (FDR), {n_permutations} permutations",
                     p_style,
-                    f"Per-point permutation test; −log10 p > 1.3 means FDR-adjusted p < 0.05 ({entry['points_fdr_lt_0.05']} of {entry['n_points']} points).",
+                    f"Per-point permutation test of the norm of the mean difference; −log10 p > 1.3 means FDR-adjusted p < 0.05 ({entry['points_fdr_lt_0.05']} of {entry['n_points']} points).",
                 ),
+            ) + (
+                (
+                    (
+                        -np.log10(hot.p_fdr),
+                        "group_hotelling",
+                        f"{other} vs {normal_group}: Hotelling T² −log10 p (FDR), {n_permutations} permutations",
+                        p_style,
+                        f"Point-wise Hotelling T² (3D displacement, pooled covariance), permutation p-values, Benjamini–Hochberg FDR; −log10 p > 1.3 means p < 0.05 ({entry['hotelling_points_fdr_lt_0.05']} of {entry['n_points']} points). Global T² on {entry['hotelling_global_modes']} PCA modes: permutation p {entry['hotelling_global_p_permutation']:.4f}.",
+                    ),
+                )
+                if hot is not None
+                else ()
             ):
                 verts, tris, vals = _on_surface(warper, mean_b, values)
                 png = render_views(verts, tris, vals, fig_dir / f"{stem}_{_safe(other)}.png", title, **style)

@@ -16,7 +16,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Downstream shape analysis (paper section 4): a Mahalanobis severity score from a PPCA of the "
             "normal group (eq. 13-15; AUC against the labels, Pearson/Spearman against a severity column), "
-            "the difference of group means with a per-point permutation test, a latent swim between the "
+            "the difference of group means with point-wise and global Hotelling T² (and the norm of the mean "
+            "difference) under label permutations with FDR, a latent swim between the "
             "group means, and a descriptor classifier (top-k trimmed descriptors, held-out accuracy; the "
             "Table 3 protocol). Uses the cohort's ground-truth particles, or the particles and descriptors "
             "a model predicts from the images with --model. Writes analysis.json, subjects.csv, figures/ "

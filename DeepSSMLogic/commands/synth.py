@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "segmentations, dense meshes and ground-truth correspondence particles (LPS mm), plus "
             "cohort.csv with groups, a train/val/test split and the family's metadata. "
             "Families: cranium (metopic craniosynostosis: severity), femur (cam-FAI: cam_height, "
-            "shaft_length), atrium (AF recurrence: sphericity, bimodal appendage orientation). "
+            "shaft_length), atrium (AF recurrence: from the body size and roundness; bimodal appendage orientation). "
             "The same seed gives byte-identical files."
         ),
         epilog="example: deepssm synth --family femur --n 40 --out data/femur --seed 0",

@@ -1,0 +1,158 @@
+"""benchmarks/paper_claims.py: verdicts from the statistics on constructed results (fast) and a tiny
+end-to-end run (slow): cohorts, training with the paper's network, evaluation, JSON, markdown."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "benchmarks" / "paper_claims.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["paper_claims"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _seed(family, seed, models, gt_down, rng, n_test=9):
+    """One seed's results as run_seed writes them; ``models`` name -> (RMSE offset, downstream)."""
+    base = 1.0 + 0.2 * rng.random(n_test)
+    return {
+        "family": family,
+        "seed": seed,
+        "test_ids": [f"s{i}" for i in range(n_test)],
+        "mean_shape": {"rmse_mm": (base + 1.0).tolist()},
+        "ground_truth": gt_down,
+        "models": {
+            name: {
+                "train_seconds": 10.0,
+                "rmse_mm": (base + off + 0.01 * rng.standard_normal(n_test)).tolist(),
+                "surface_mean_mm": (base * 0.9).tolist(),
+                "downstream": down,
+                "mode_correlation": {"pearson": [0.9, 0.5], "variance_fraction": [0.8, 0.1]},
+            }
+            for name, (off, down) in models.items()
+        },
+    }
+
+
+def _down(auc, acc, r=None):
+    return {"severity_auc": auc, "severity_pearson": r, "classifier_accuracy": acc, "classifier_auc": auc}
+
+
+def test_verdicts_follow_the_tests_on_constructed_results(tmp_path):
+    pc = _module()
+    args = pc.parse_args(["--n-boot", "2000"])
+    rng = np.random.default_rng(0)
+    results = {
+        # TL consistently 0.3 mm better than Base; predicted accuracy equal to the ground truth's
+        "atrium": [
+            _seed(
+                "atrium",
+                s,
+                {"base-l2": (0.3, _down(0.8, 0.85)), "tl-l2": (0.0, _down(0.8, 0.85 + 0.01 * (s % 2)))},
+                _down(0.8, 0.85),
+                rng,
+            )
+            for s in range(5)
+        ],
+        # focal identical to L2 up to noise; predicted severity AUC far below the ground truth's
+        "femur": [
+            _seed(
+                "femur",
+                s,
+                {"base-l2": (0.0, _down(0.4, 0.7, 0.1)), "base-focal": (0.0, _down(0.42, 0.7, 0.1))},
+                _down(0.9 + 0.01 * s, 0.72, 0.6),
+                rng,
+            )
+            for s in range(5)
+        ],
+    }
+    stats = pc.analyse(results, args)
+    verdict = {c["claim"]: c["verdict"] for c in stats["claims"]}
+    tl = next(v for k, v in verdict.items() if k.startswith("atrium: TL-DeepSSM"))
+    focal = next(v for k, v in verdict.items() if k.startswith("femur: focal"))
+    assert tl == "established"
+    assert focal == "not established"
+    assert verdict[
+        "atrium: tl-l2 descriptors as good as the ground-truth PDM, classifier accuracy (within ±0.1)"
+    ] == ("established")
+    assert verdict[
+        "femur: base-l2 descriptors as good as the ground-truth PDM, severity auc (within ±0.05)"
+    ] == ("contradicted")
+    assert all(v == "established" for k, v in verdict.items() if "mean shape" in k)
+    cell = stats["cells"]["atrium"]["tl-l2"]["rmse_mm"]
+    assert cell["n"] == 5 and cell["lo"] < cell["mean"] < cell["hi"]
+    tl_cmp = next(c for c in stats["comparisons"] if (c["a"], c["b"]) == ("base-l2", "tl-l2"))
+    assert tl_cmp["n"] == 45 and tl_cmp["n_clusters"] == 5 and tl_cmp["ci_hi"] < 0
+
+    # the markdown is made from the JSON alone, and --from-json reproduces it
+    doc = {
+        "meta": {
+            "command": "python benchmarks/paper_claims.py (constructed)",
+            "seconds": 60.0,
+            "seeds": list(range(5)),
+            "config": {k: v for k, v in vars(args).items() if k != "from_json"},
+            "device": "cpu",
+            "platform": "test",
+            "python": "3",
+            "torch": "x",
+            "load": "n/a",
+        },
+        "results": results,
+        "statistics": stats,
+    }
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    md = tmp_path / "R.md"
+    assert pc.main(["--from-json", "--json", str(tmp_path / "r.json"), "--results", str(md)]) == 0
+    text = md.read_text()
+    assert "**atrium: TL-DeepSSM more accurate than Base (l2 loss; paper §5.3)**: **established**" in text
+    assert "Testing/test_stats.py" in text and "(constructed)" in text
+    assert text == pc.write_markdown(json.loads((tmp_path / "r.json").read_text()))
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tmp_path):
+    """Two seeds of a 12-subject femur cohort, Base L2 vs focal, one epoch each (~45 s)."""
+    pc = _module()
+    out = tmp_path / "claims"
+    argv = [
+        "--out-dir", str(out), "--results", str(out / "R.md"), "--families", "femur",
+        "--variants", "base-l2", "base-focal", "--seeds", "2", "--n", "12", "--size", "16",
+        "--spacing", "6", "--particles", "32", "--epochs", "1", "--augment", "0",
+        "--permutations", "20", "--n-boot", "500", "--device", "cpu",
+    ]  # fmt: skip
+    assert pc.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    seeds = doc["results"]["femur"]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    assert seeds[0]["test_ids"] != seeds[1]["test_ids"] or seeds[0]["mean_shape"] != seeds[1]["mean_shape"]
+    for s in seeds:
+        n = len(s["test_ids"])
+        assert n >= 3 and len(s["mean_shape"]["rmse_mm"]) == n
+        for m in s["models"].values():
+            assert len(m["rmse_mm"]) == n and all(v > 0 for v in m["rmse_mm"])
+            assert len(m["mode_correlation"]["pearson"]) >= 1
+        gd = s["ground_truth"]["group_difference"][0]
+        assert "hotelling_points_fdr_lt_0.05" in gd and "points_fdr_lt_0.05" in gd
+    # the paper's network, whatever deepssm train's default
+    assert doc["meta"]["config"]["encoder"] == "paper"
+    model_json = json.loads((out / "femur" / "seed0" / "model-base-l2" / "model.json").read_text())
+    assert '"encoder": "paper"' in json.dumps(model_json)
+    claims = doc["statistics"]["claims"]
+    assert any(c["claim"].startswith("femur: focal loss") for c in claims)
+    assert all(c["verdict"] in ("established", "not established", "contradicted") for c in claims)
+    assert "## femur" in (out / "R.md").read_text()
+    # a rerun reuses every finished seed (no training)
+    assert pc.main(argv) == 0
+    # ... but never a seed made with other settings
+    with pytest.raises(SystemExit, match="epochs"):
+        pc.main([*argv[: argv.index("--epochs")], "--epochs", "2", *argv[argv.index("--epochs") + 2 :]])
