@@ -156,6 +156,17 @@ def _validate_pca(f: _Fields, pca: Any, n_particles: int) -> None:
         f.fail("pca.score_std", "positive standard deviations", "a zero or negative value")
 
 
+def _optional_versioned(f: _Fields, obj: Any, field: str, supported: int) -> bool:
+    """Whether the optional object ``field`` is present (None: absent, as in older bundles); when
+    present it must be an object with a supported ``version``."""
+    if obj is None:
+        return False
+    if not isinstance(obj, dict):
+        f.fail(field, "an object or null", obj)
+    _validate_version(f, obj, field, supported)
+    return True
+
+
 def _validate_version(f: _Fields, obj: dict[str, Any], field: str, supported: int) -> None:
     version = f.get(obj, f"{field}.version", "version")
     f.integer(version, f"{field}.version", 1, 1_000_000)
@@ -168,18 +179,14 @@ def _validate_version(f: _Fields, obj: dict[str, Any], field: str, supported: in
 
 def _validate_uncertainty(f: _Fields, unc: Any) -> None:
     """``uncertainty`` (issue 13, optional: older bundles have none = no uncertainty)."""
-    if unc is None:
+    if not _optional_versioned(f, unc, "uncertainty", UNCERTAINTY_VERSION):
         return
-    if not isinstance(unc, dict):
-        f.fail("uncertainty", "an object or null", unc)
-    _validate_version(f, unc, "uncertainty", UNCERTAINTY_VERSION)
     method = unc.get("method")
     if method not in UNCERTAINTY_METHODS:
         f.fail("uncertainty.method", f"one of {list(UNCERTAINTY_METHODS)}", method)
     if method == "none":
         return
-    scale = f.number(f.get(unc, "uncertainty.scale", "scale"), "uncertainty.scale", positive=True)
-    del scale
+    f.number(f.get(unc, "uncertainty.scale", "scale"), "uncertainty.scale", positive=True)
     if method == "mc-dropout":
         rate = f.number(f.get(unc, "uncertainty.dropout", "dropout"), "uncertainty.dropout", positive=True)
         if rate >= 1:
@@ -191,11 +198,8 @@ def _validate_uncertainty(f: _Fields, unc: Any) -> None:
 
 def _validate_ood(f: _Fields, cal: Any) -> None:
     """``ood`` calibration (issue 13, optional: older bundles have none = no OOD flag)."""
-    if cal is None:
+    if not _optional_versioned(f, cal, "ood", OOD_VERSION):
         return
-    if not isinstance(cal, dict):
-        f.fail("ood", "an object or null", cal)
-    _validate_version(f, cal, "ood", OOD_VERSION)
     f.number(f.get(cal, "ood.threshold", "threshold"), "ood.threshold", positive=True)
     f.integer(f.get(cal, "ood.n_modes", "n_modes"), "ood.n_modes", 1, 3 * MAX_PARTICLES)
     comps = f.mapping(cal, "ood.components", "components")

@@ -346,45 +346,36 @@ def analyse(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
         def comparison(a: str, b: str, fam: str = fam) -> dict[str, Any] | None:
             return next((c for c in out["comparisons"] if (c["family"], c["a"], c["b"]) == (fam, a, b)), None)
 
+        def difference_claim(text: str, test: dict[str, Any] | None, paper: bool, fam: str = fam) -> None:
+            if test is None:  # the model pair was not in this run's grid
+                return
+            claim = {
+                "claim": text,
+                "kind": "difference",
+                "family": fam,
+                "test": test,
+                "verdict": test["verdict"],
+            }
+            out["claims"].append(claim | ({"paper": True} if paper else {}))
+
         for n in names:
-            c = comparison(MEAN_SHAPE, n)
-            out["claims"].append(
-                {
-                    "claim": f"{fam}: {n} more accurate than the mean shape (RMSE)",
-                    "kind": "difference",
-                    "family": fam,
-                    "test": c,
-                    "verdict": c["verdict"],
-                }
+            difference_claim(
+                f"{fam}: {n} more accurate than the mean shape (RMSE)", comparison(MEAN_SHAPE, n), False
             )
         if fam == "atrium":
             for loss in ("l2", "focal"):
-                c = comparison(f"base-{loss}", f"tl-{loss}")
-                if c:
-                    out["claims"].append(
-                        {
-                            "claim": f"atrium: TL-DeepSSM more accurate than Base ({loss} loss; paper §5.3)",
-                            "kind": "difference",
-                            "family": fam,
-                            "test": c,
-                            "verdict": c["verdict"],
-                            "paper": True,
-                        }
-                    )
+                difference_claim(
+                    f"atrium: TL-DeepSSM more accurate than Base ({loss} loss; paper §5.3)",
+                    comparison(f"base-{loss}", f"tl-{loss}"),
+                    True,
+                )
         if fam == "femur":
             for v in ("base", "tl"):
-                c = comparison(f"{v}-l2", f"{v}-focal")
-                if c:
-                    out["claims"].append(
-                        {
-                            "claim": f"femur: focal loss more accurate than L2 ({v}; paper §3.4/§5.2)",
-                            "kind": "difference",
-                            "family": fam,
-                            "test": c,
-                            "verdict": c["verdict"],
-                            "paper": True,
-                        }
-                    )
+                difference_claim(
+                    f"femur: focal loss more accurate than L2 ({v}; paper §3.4/§5.2)",
+                    comparison(f"{v}-l2", f"{v}-focal"),
+                    True,
+                )
         for n in names:
             for metric, margin_name in DOWNSTREAM_METRICS:
                 gt = [s["ground_truth"][metric] for s in seeds]
