@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,25 @@ POOL_AFTER = (0, 2, 4)  # 0-based conv indices followed by MaxPool3d(2)
 KERNEL = 5
 FC_SIZES = (384, 96)
 PADDINGS = ("valid", "same")
-ENCODERS = ("paper", "light")
 LIGHT_CHANNELS = (16, 32, 64)  # at 1/2, 1/4, 1/8 of the input resolution
+
+
+@dataclass(frozen=True)
+class LightSpec:
+    """Shape of a light encoder: one level per entry of ``channels``, each a 3×3×3 conv that halves
+    the resolution (stride 2, or stride 1 then 2× max pooling when ``pool``) and ``blocks`` residual
+    blocks; ``stem`` > 0 puts a full-resolution 3×3×3 conv of that many channels first."""
+
+    channels: tuple[int, ...] = LIGHT_CHANNELS
+    stem: int = 0
+    blocks: int = 1
+    pool: bool = False
+
+
+# the encoders a network can be built with; a name, once shipped, keeps its layer stack for ever
+# (bundles store only the name): a changed stack gets a new name
+LIGHT_ENCODERS: dict[str, LightSpec] = {"light": LightSpec()}
+ENCODERS = ("paper", *LIGHT_ENCODERS)
 ARCHITECTURE_VERSION = 2  # 2: the "encoder" field; paper networks still write 1 (older readers load them)
 
 
@@ -59,13 +77,15 @@ def encoder_output_shape(input_shape_zyx: Sequence[int], conv_padding: str = "va
     return out[0], out[1], out[2]
 
 
-def light_output_shape(input_shape_zyx: Sequence[int]) -> tuple[int, int, int]:
-    """Spatial size ``(Z, Y, X)`` after the light encoder's three stride-2 convolutions (⌈n/8⌉)."""
+def light_output_shape(
+    input_shape_zyx: Sequence[int], levels: int = len(LIGHT_CHANNELS)
+) -> tuple[int, int, int]:
+    """Spatial size ``(Z, Y, X)`` after a light encoder's ``levels`` halvings (⌈n/8⌉ for three)."""
     out = []
     for n in input_shape_zyx:
         n = int(n)
-        for _ in LIGHT_CHANNELS:
-            n = (n + 1) // 2  # 3×3×3, padding 1, stride 2
+        for _ in range(levels):
+            n = (n + 1) // 2  # 3×3×3, padding 1, stride 2 (or max pooling with ceil_mode)
         out.append(n)
     return out[0], out[1], out[2]
 
@@ -85,12 +105,18 @@ def _check_padding(conv_padding: str) -> None:
         )
 
 
+def is_light(encoder: str) -> bool:
+    """Whether ``encoder`` names a light encoder (always "same" padding)."""
+    return encoder in LIGHT_ENCODERS
+
+
 def _check_encoder(encoder: str, conv_padding: str) -> None:
-    if encoder not in ENCODERS:
-        raise InputError(f"architecture field 'encoder': expected one of {ENCODERS}, found {encoder!r}")
-    if encoder == "light" and conv_padding != "same":
+    names = ("paper", *LIGHT_ENCODERS)
+    if encoder not in names:
+        raise InputError(f"architecture field 'encoder': expected one of {names}, found {encoder!r}")
+    if is_light(encoder) and conv_padding != "same":
         raise InputError(
-            f"the light encoder pads its convolutions: conv_padding must be 'same', found {conv_padding!r}"
+            f"the {encoder} encoder pads its convolutions: conv_padding must be 'same', found {conv_padding!r}"
         )
 
 
@@ -154,11 +180,18 @@ def _paper_conv_stack(conv_padding: str) -> list[nn.Module]:
     return layers
 
 
-def _light_conv_stack() -> list[nn.Module]:
+def _light_conv_stack(spec: LightSpec) -> list[nn.Module]:
     layers: list[nn.Module] = []
     c_in = 1
-    for c_out in LIGHT_CHANNELS:
-        layers += [*_conv_bn_act(c_in, c_out, 2), ResidualBlock3d(c_out)]
+    if spec.stem:
+        layers += _conv_bn_act(1, spec.stem, 1)
+        c_in = spec.stem
+    for c_out in spec.channels:
+        if spec.pool:
+            layers += [*_conv_bn_act(c_in, c_out, 1), nn.MaxPool3d(2, ceil_mode=True)]
+        else:
+            layers += _conv_bn_act(c_in, c_out, 2)
+        layers += [ResidualBlock3d(c_out) for _ in range(spec.blocks)]
         c_in = c_out
     return layers
 
@@ -182,8 +215,10 @@ class ImageEncoder(nn.Module):
         _check_encoder(encoder, conv_padding)
         if pool_size is not None and int(pool_size) < 1:
             raise InputError(f"architecture field 'pool_size': expected ≥ 1 or null, found {pool_size}")
-        if encoder == "light":
-            layers, channels, conv_shape = _light_conv_stack(), LIGHT_CHANNELS[-1], light_output_shape(shape)
+        if is_light(encoder):
+            spec = LIGHT_ENCODERS[encoder]
+            layers, channels = _light_conv_stack(spec), spec.channels[-1]
+            conv_shape = light_output_shape(shape, len(spec.channels))
         else:
             layers = _paper_conv_stack(conv_padding)
             channels, conv_shape = ENCODER_CHANNELS[-1], encoder_output_shape(shape, conv_padding)

@@ -344,11 +344,11 @@ def default_work_dir(out: Path) -> Path:
 def choose_conv_padding(grid: Grid, requested: str = "auto", encoder: str = "paper") -> str:
     """ "valid" (the paper's convolutions) when every axis is large enough, else "same"; the light
     encoder always pads ("same")."""
-    from .networks import minimum_grid_size
+    from .networks import is_light, minimum_grid_size
 
     if requested != "auto":
         return requested
-    if encoder == "light":
+    if is_light(encoder):
         return "same"
     return "valid" if min(grid.size) >= minimum_grid_size("valid") else "same"
 

@@ -12,7 +12,9 @@ import torch
 from DeepSSMLogic.errors import InputError
 from DeepSSMLogic.networks import (
     LIGHT_CHANNELS,
+    LIGHT_ENCODERS,
     BaseDeepSSM,
+    LightSpec,
     ResidualBlock3d,
     TLDeepSSM,
     build_network,
@@ -318,3 +320,62 @@ def test_light_bundle_loads_from_a_zip(tmp_path):
     saved = torch.load(path / "weights.pt", weights_only=True)
     for k, v in b.network.state_dict().items():
         assert torch.equal(v, saved[k]), k
+
+
+# -- light encoder stacks (LightSpec) ------------------------------------------------------------
+
+
+def test_the_shipped_light_stack_is_frozen():
+    """Bundles store only the encoder's name: "light" must keep exactly this layer stack (key, shape)
+    or every light bundle already written would load wrongly or not at all."""
+    net = BaseDeepSSM((16, 16, 16), 2, n_particles=4, conv_padding="same", encoder="light")
+    convs = [
+        (k, tuple(v.shape))
+        for k, v in net.encoder.conv.state_dict().items()
+        if k.endswith("weight") and v.ndim == 5
+    ]
+    assert convs == [
+        ("0.weight", (16, 1, 3, 3, 3)),
+        ("3.body.0.weight", (16, 16, 3, 3, 3)),
+        ("3.body.3.weight", (16, 16, 3, 3, 3)),
+        ("4.weight", (32, 16, 3, 3, 3)),
+        ("7.body.0.weight", (32, 32, 3, 3, 3)),
+        ("7.body.3.weight", (32, 32, 3, 3, 3)),
+        ("8.weight", (64, 32, 3, 3, 3)),
+        ("11.body.0.weight", (64, 64, 3, 3, 3)),
+        ("11.body.3.weight", (64, 64, 3, 3, 3)),
+    ]
+    strides = [m.stride for m in net.encoder.conv if isinstance(m, torch.nn.Conv3d)]
+    assert strides == [(2, 2, 2)] * 3
+    assert not any(isinstance(m, torch.nn.MaxPool3d) for m in net.encoder.conv.modules())
+
+
+@pytest.mark.parametrize(
+    "spec", [LightSpec(stem=4), LightSpec(pool=True), LightSpec((8, 16), stem=4, blocks=2, pool=True)]
+)
+@pytest.mark.parametrize("shape", [(9, 8, 8), (17, 20, 23)])
+def test_light_specs_build_run_and_round_trip(monkeypatch, spec, shape):
+    monkeypatch.setitem(LIGHT_ENCODERS, "x-test", spec)
+    torch.manual_seed(0)
+    net = BaseDeepSSM(shape, 3, **_pca(10, 3), conv_padding="same", encoder="x-test").eval()
+    x = torch.randn(2, 1, *shape)
+    with torch.no_grad():
+        z = net.encoder.conv(x)
+    assert tuple(z.shape[2:]) == light_output_shape(shape, len(spec.channels))  # ⌈n/2⌉ per level
+    assert z.shape[1] == spec.channels[-1] == net.encoder.flat_features // int(np.prod(z.shape[2:]))
+    convs = [m for m in net.encoder.conv.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convs) == bool(spec.stem) + len(spec.channels) * (1 + 2 * spec.blocks)
+    assert (convs[0].stride == (1, 1, 1)) == (spec.stem > 0 or spec.pool)
+    pools = [m for m in net.encoder.conv.modules() if isinstance(m, torch.nn.MaxPool3d)]
+    assert len(pools) == (len(spec.channels) if spec.pool else 0)
+    arch = json.loads(json.dumps(net.architecture))
+    assert arch["encoder"] == "x-test" and arch["version"] == 2
+    rebuilt = build_network(arch)
+    rebuilt.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert torch.equal(net(x)[1], rebuilt.eval()(x)[1])
+
+
+def test_unknown_encoder_names_the_known_ones():
+    with pytest.raises(InputError, match=r"'encoder': expected one of \('paper', 'light'"):
+        BaseDeepSSM((8, 8, 8), 2, n_particles=4, conv_padding="same", encoder="nope")

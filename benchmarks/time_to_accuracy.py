@@ -50,17 +50,46 @@ TARGET_FACTOR = 1.05
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration: encoder and a multiple of the run's epochs."""
+    """One configuration: encoder, a multiple of the run's epochs and optimiser overrides."""
 
     name: str
     encoder: str
     epoch_factor: int = 1
+    lr: float | None = None  # None: TrainConfig's default
+    weight_decay: float | None = None
+    spec: Any = None  # a networks.LightSpec registered under ``encoder`` for this run (experiments)
+
+
+def _spec(**kw: Any) -> Any:
+    from DeepSSMLogic.networks import LightSpec
+
+    return LightSpec(**kw)
 
 
 CANDIDATES = {
     "paper": Candidate("paper", "paper"),
     "light": Candidate("light", "light"),
     "light-x3": Candidate("light-x3", "light", 3),
+    # optimiser variants of light
+    "light-lr3e-4": Candidate("light-lr3e-4", "light", lr=3e-4),
+    "light-wd1e-3": Candidate("light-wd1e-3", "light", weight_decay=1e-3),
+    # experimental light stacks (issue 16, atrium gap); registered under their own encoder names
+    "light-stem8": Candidate("light-stem8", "x-stem8", spec=_spec(stem=8)),
+    "light-pool": Candidate("light-pool", "x-pool", spec=_spec(pool=True)),
+    "light-stem8-pool": Candidate("light-stem8-pool", "x-stem8-pool", spec=_spec(stem=8, pool=True)),
+    "light-wide": Candidate("light-wide", "x-wide", spec=_spec(channels=(24, 48, 96))),
+    "light-2blk": Candidate("light-2blk", "x-2blk", spec=_spec(blocks=2)),
+    "light-stem16": Candidate("light-stem16", "x-stem16", spec=_spec(stem=16)),
+    "light-stem8-wd1e-3": Candidate("light-stem8-wd1e-3", "x-stem8", weight_decay=1e-3, spec=_spec(stem=8)),
+    "light-pool-wd1e-3": Candidate("light-pool-wd1e-3", "x-pool", weight_decay=1e-3, spec=_spec(pool=True)),
+    "light-pool-lr3e-4": Candidate("light-pool-lr3e-4", "x-pool", lr=3e-4, spec=_spec(pool=True)),
+    "light-pool-2blk": Candidate("light-pool-2blk", "x-pool-2blk", spec=_spec(pool=True, blocks=2)),
+    "light-pool-wide": Candidate(
+        "light-pool-wide", "x-pool-wide", spec=_spec(pool=True, channels=(24, 48, 96))
+    ),
+    "light-pool-4lvl": Candidate(
+        "light-pool-4lvl", "x-pool-4lvl", spec=_spec(pool=True, channels=(16, 32, 64, 128))
+    ),
 }
 
 
@@ -213,16 +242,22 @@ def synthetic_cohort(family: str, out: Path, args: argparse.Namespace) -> Path:
 
 
 def run_candidate(cand: Candidate, data: Prepared, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from DeepSSMLogic import networks
     from DeepSSMLogic.bundle import save_bundle
     from DeepSSMLogic.networks import count_parameters
     from DeepSSMLogic.pipeline import _ArrayDataset, _Concat, choose_conv_padding
     from DeepSSMLogic.training import CHECKPOINT_NAME, TrainConfig, train
 
+    if cand.spec is not None:
+        known = networks.LIGHT_ENCODERS.setdefault(cand.encoder, cand.spec)
+        if known != cand.spec:
+            raise SystemExit(f"encoder {cand.encoder!r} already names another stack: {known}")
     padding = choose_conv_padding(data.grid, "auto", cand.encoder)
     epochs = args.paper_epochs if cand.name == "paper" else args.epochs * cand.epoch_factor
+    overrides = {k: v for k, v in (("lr", cand.lr), ("weight_decay", cand.weight_decay)) if v is not None}
     config = TrainConfig(
         variant="base", epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-        device="cpu", conv_padding=padding, encoder=cand.encoder, patience=args.patience,
+        device="cpu", conv_padding=padding, encoder=cand.encoder, patience=args.patience, **overrides,
     )  # fmt: skip
     train_set = _Concat([_ArrayDataset(data.train_images, data.train_particles), data.augmented])
     test_set = _ArrayDataset(data.test_images, data.test_particles)
@@ -237,10 +272,11 @@ def run_candidate(cand: Candidate, data: Prepared, work: Path, args: argparse.Na
         config, train_set, test_set, out_dir, on_epoch, shape_model=data.shape_model,
         image_transform=data.normalizer,
     )  # fmt: skip
-    elapsed, curve = 0.0, []
+    elapsed, curve, losses = 0.0, [], []
     for h in result.history:
         elapsed += float(h["seconds"])
         curve.append((elapsed, float(h["val_rmse_mm"])))
+        losses.append((float(h["train_loss"]), float(h["val_loss"])))
     cpu = [m - cpu_marks[0] for m in cpu_marks[1:]]
     net = result.model
     k = int(result.architecture["n_modes"])
@@ -257,8 +293,8 @@ def run_candidate(cand: Candidate, data: Prepared, work: Path, args: argparse.Na
         "epochs": config.epochs,
         "stopped_early": len(curve) < config.epochs,
         "curve": [
-            {"seconds": t, "cpu_seconds": c, "heldout_rmse_mm": r}
-            for (t, r), c in zip(curve, cpu, strict=True)
+            {"seconds": t, "cpu_seconds": c, "heldout_rmse_mm": r, "train_loss": tl, "heldout_loss": vl}
+            for (t, r), c, (tl, vl) in zip(curve, cpu, losses, strict=True)
         ],
         "final_rmse_mm": curve[-1][1],
         "best_rmse_mm": min(r for _, r in curve),
