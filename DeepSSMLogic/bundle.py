@@ -253,12 +253,40 @@ def save_bundle(
         meta["content_sha256"] = _content_digest(meta)
         (work / MODEL_JSON).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n", encoding="utf-8")
         if work is not tmp:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for f in [MODEL_JSON, *files]:
-                    # float weights barely compress; storing them keeps save/load fast
-                    zf.write(work / f, arcname=f, compress_type=zipfile.ZIP_STORED if f == WEIGHTS else None)
+            _write_zip(work, files, tmp)
             shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _write_zip(folder: Path, files: list[str], zip_path: Path) -> None:
+    """model.json then ``files`` of a bundle folder into one flat zip (what :func:`load_bundle` reads)."""
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in [MODEL_JSON, *files]:
+            # float weights barely compress; storing them keeps save/load fast
+            zf.write(folder / f, arcname=f, compress_type=zipfile.ZIP_STORED if f == WEIGHTS else None)
+
+
+def pack_bundle(folder: PathLike, target: PathLike) -> Path:
+    """Write the bundle folder ``folder`` as the single-file bundle ``target`` (``.zip``, atomically).
+
+    The folder is verified first (schema, content digest, every file's SHA256), so a damaged or
+    edited bundle is refused rather than shipped; the zip holds the same bytes.
+    """
+    src, out = Path(folder), Path(target)
+    if out.suffix != ".zip":
+        raise InputError(f"pack_bundle: target {out} must end in .zip")
+    if not src.is_dir():
+        raise BundleError(f"{src}: not a bundle folder")
+    meta = read_bundle_meta(src)
+    _verify_description(src, meta)
+    files = list(meta["files"])
+    for f in files:
+        if sha256_file(src / f) != meta["files"][f]:
+            raise BundleError(f"{src}/{f}: SHA256 does not match model.json (the file was modified)")
+    check_replace_target(out, is_bundle, "DeepSSM model bundle")
+    with atomic_path(out, replace_dir=is_bundle) as tmp:
+        _write_zip(src, files, tmp)
+    return out
 
 
 # -- float16 storage of the weights -------------------------------------------------------------

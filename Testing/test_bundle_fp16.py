@@ -12,6 +12,7 @@ from helpers_predict import tiny_bundle_parts
 
 from DeepSSMLogic.bundle import (
     FP32_SCHEMA_VERSION,
+    MEAN_PARTICLES,
     MODEL_JSON,
     SCHEMA_VERSION,
     WEIGHTS,
@@ -19,11 +20,13 @@ from DeepSSMLogic.bundle import (
     _probe_input,
     half_precision_weights,
     load_bundle,
+    pack_bundle,
     read_bundle_meta,
     save_bundle,
 )
-from DeepSSMLogic.errors import BundleError
+from DeepSSMLogic.errors import BundleError, InputError
 from DeepSSMLogic.fileutil import save_torch, sha256_file
+from DeepSSMLogic.networks import BaseDeepSSM
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "Resources" / "SampleData" / "demo_bundle.zip"
@@ -129,12 +132,61 @@ def test_float32_bundles_of_schema_1_keep_loading(tmp_path):
     assert all(v.dtype == torch.float32 for v in b.network.state_dict().values() if v.is_floating_point())
 
 
+def test_a_float32_schema_1_paper_bundle_like_the_first_demo_still_loads_and_predicts(tmp_path):
+    """The demo bundle shipped until issue 16 was this kind: the paper's encoder with pool_size=2,
+    float32 weights, schema 1 (no 'weights' section), a zip. Written here the way it was, packed, loaded."""
+    net0, sm, grid, ref, normalizer = _trained_like()
+    torch.manual_seed(5)
+    net = BaseDeepSSM(
+        grid.shape_zyx,
+        3,
+        sm.mean,
+        sm.components,
+        sm.score_mean,
+        sm.score_std,
+        conv_padding="same",
+        pool_size=2,
+    ).eval()
+    net.encoder.fc[-1].load_state_dict(net0.encoder.fc[-1].state_dict())
+    d = save_bundle(
+        tmp_path / "old", net, net.architecture, grid, normalizer, sm, ref, weights_dtype="float32"
+    )
+    _rewrite(d, lambda m: m.pop("weights") and m.update(schema_version=FP32_SCHEMA_VERSION))
+    z = pack_bundle(d, tmp_path / "old_demo.zip")
+    meta = read_bundle_meta(z)
+    assert meta["schema_version"] == 1 and "weights" not in meta and "encoder" not in meta["architecture"]
+    b = load_bundle(z)
+    loaded = b.network.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in net.state_dict().items())
+    x = _probe_input(ref, normalizer, grid)
+    with torch.no_grad():
+        assert torch.equal(b.network(x)[1], net(x)[1])
+
+
+def test_pack_bundle_zips_a_verified_folder_and_refuses_a_modified_one(tmp_path):
+    d = _save(tmp_path / "m", _trained_like(), "float16")
+    z = pack_bundle(d, tmp_path / "m.zip")
+    assert read_bundle_meta(z) == read_bundle_meta(d)
+    a, b = load_bundle(d).network.state_dict(), load_bundle(z).network.state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    with pytest.raises(InputError, match=r"must end in \.zip"):
+        pack_bundle(d, tmp_path / "m.tar")
+    (d / MEAN_PARTICLES).write_text((d / MEAN_PARTICLES).read_text().replace("1", "2", 1))
+    with pytest.raises(BundleError, match="SHA256 does not match"):
+        pack_bundle(d, tmp_path / "m2.zip")
+    assert not (tmp_path / "m2.zip").exists()
+
+
 @pytest.mark.skipif(not DEMO.is_file(), reason="no shipped demo bundle")
-def test_the_shipped_fp32_demo_bundle_still_loads():
+def test_the_shipped_demo_bundle_is_the_demos_light_float16_model_within_4_mb():
+    from DeepSSMLogic.commands.demo import DemoSettings
+
+    assert DEMO.stat().st_size <= 4_000_000  # issue 16: demo bundle ≤ 4 MB
     meta = read_bundle_meta(DEMO)
-    assert meta["schema_version"] == 1
+    assert meta["schema_version"] == SCHEMA_VERSION and meta["weights"]["storage"] == "float16"
+    assert meta["architecture"]["encoder"] == DemoSettings.encoder
     b = load_bundle(DEMO)
-    assert b.n_particles == 256 and not b.network.training
+    assert b.n_particles == DemoSettings.n_particles and not b.network.training
 
 
 def test_hand_converted_weights_load_when_declared(tmp_path):

@@ -58,6 +58,7 @@ class Candidate:
     lr: float | None = None  # None: TrainConfig's default
     weight_decay: float | None = None
     spec: Any = None  # a networks.LightSpec registered under ``encoder`` for this run (experiments)
+    pool_size: int | None = None  # adaptive average pool before the FC layer (None: flatten)
 
 
 def _spec(**kw: Any) -> Any:
@@ -90,6 +91,9 @@ CANDIDATES = {
     "light-pool-4lvl": Candidate(
         "light-pool-4lvl", "x-pool-4lvl", spec=_spec(pool=True, channels=(16, 32, 64, 128))
     ),
+    "light-pool-p2": Candidate("light-pool-p2", "x-pool", pool_size=2, spec=_spec(pool=True)),
+    "light-pool-p1": Candidate("light-pool-p1", "x-pool", pool_size=1, spec=_spec(pool=True)),
+    "light-pool-wd1e-2": Candidate("light-pool-wd1e-2", "x-pool", weight_decay=1e-2, spec=_spec(pool=True)),
 }
 
 
@@ -254,7 +258,8 @@ def run_candidate(cand: Candidate, data: Prepared, work: Path, args: argparse.Na
             raise SystemExit(f"encoder {cand.encoder!r} already names another stack: {known}")
     padding = choose_conv_padding(data.grid, "auto", cand.encoder)
     epochs = args.paper_epochs if cand.name == "paper" else args.epochs * cand.epoch_factor
-    overrides = {k: v for k, v in (("lr", cand.lr), ("weight_decay", cand.weight_decay)) if v is not None}
+    pairs = (("lr", cand.lr), ("weight_decay", cand.weight_decay), ("pool_size", cand.pool_size))
+    overrides = {k: v for k, v in pairs if v is not None}
     config = TrainConfig(
         variant="base", epochs=epochs, batch_size=args.batch_size, seed=args.seed,
         device="cpu", conv_padding=padding, encoder=cand.encoder, patience=args.patience, **overrides,
