@@ -272,7 +272,7 @@ class TrainingOptions:
     downsample: float = 1.0
     margin_mm: float = 10.0
     conv_padding: str = "auto"  # "auto": "valid" (the paper) when the grid allows it, else "same"
-    encoder: str = "paper"  # "paper" | "light" (always "same" padding); see networks
+    encoder: str = "paper"  # "paper" | "light" | "light2" (light ones: always "same" padding); see networks
     val_fraction: float = 0.15
     n_modes: int | None = None
     # Register training images to the reference like the predictor does. Off by default: a training

@@ -71,7 +71,7 @@ class TrainConfig:
     variance_fraction: float = 0.99
     conv_padding: str = "valid"  # "same" is our deviation for grids under 60 voxels per axis
     pool_size: int | None = None  # adaptive pool before the FC layer (None: the paper's flatten)
-    encoder: str = "paper"  # "paper" | "light" (networks module docstring; light needs conv_padding "same")
+    encoder: str = "paper"  # "paper" | "light" | "light2" (networks docstring; "same" padding for light)
     latent_dim: int = 64  # TL bottleneck
     ae_hidden: int = 512
     ae_epochs: int = 100

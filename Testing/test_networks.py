@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -379,3 +380,17 @@ def test_light_specs_build_run_and_round_trip(monkeypatch, spec, shape):
 def test_unknown_encoder_names_the_known_ones():
     with pytest.raises(InputError, match=r"'encoder': expected one of \('paper', 'light'"):
         BaseDeepSSM((8, 8, 8), 2, n_particles=4, conv_padding="same", encoder="nope")
+
+
+def test_light2_is_light_with_max_pooling_and_the_cli_offers_every_encoder():
+    assert LIGHT_ENCODERS["light2"] == LightSpec(LIGHT_CHANNELS, stem=0, blocks=1, pool=True)
+    net = BaseDeepSSM((20, 24, 19), 2, n_particles=4, conv_padding="same", encoder="light2")
+    convs = [m for m in net.encoder.conv if isinstance(m, torch.nn.Conv3d)]
+    assert [c.stride for c in convs] == [(1, 1, 1)] * 3
+    assert sum(isinstance(m, torch.nn.MaxPool3d) for m in net.encoder.conv) == 3
+    from DeepSSMLogic.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("train", "demo"):
+        encoder = next(a for a in sub.choices[command]._actions if a.dest == "encoder")
+        assert set(encoder.choices) == {"paper", *LIGHT_ENCODERS}, command

@@ -71,6 +71,7 @@ CANDIDATES = {
     "paper": Candidate("paper", "paper"),
     "light": Candidate("light", "light"),
     "light-x3": Candidate("light-x3", "light", 3),
+    "light2": Candidate("light2", "light2"),  # = light-pool below, shipped under its own name
     # optimiser variants of light
     "light-lr3e-4": Candidate("light-lr3e-4", "light", lr=3e-4),
     "light-wd1e-3": Candidate("light-wd1e-3", "light", weight_decay=1e-3),

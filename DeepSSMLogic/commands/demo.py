@@ -159,9 +159,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--augment", type=int, help="override the number of augmented samples")
     parser.add_argument(
         "--encoder",
-        choices=("light", "paper"),
+        choices=("light", "light2", "paper"),
         default="light",
-        help="image encoder: the light one (default) or the paper's network (slower on a CPU)",
+        help="image encoder: light (default), light2 or the paper's network (slower on a CPU)",
     )
     add_device_option(parser, default="cpu", help="cpu (default), auto or cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

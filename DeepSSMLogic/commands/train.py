@@ -93,10 +93,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--conv-padding", choices=("auto", "valid", "same"), default="auto")
     parser.add_argument(
         "--encoder",
-        choices=("paper", "light"),
+        choices=("paper", "light", "light2"),
         default="paper",
-        help="image encoder: the paper's 5x5x5 conv stack (default) or a lighter 3x3x3 strided residual "
-        "one for CPU training (same heads; always 'same' padding); see BENCHMARKS.md, time to accuracy",
+        help="image encoder: the paper's 5x5x5 conv stack (default), or a lighter 3x3x3 residual one for CPU "
+        "training (same heads; always 'same' padding): light (stride-2 convs) or light2 (stride-1 convs + "
+        "max pooling; more accurate on noisy images); see BENCHMARKS.md, time to accuracy",
     )
     parser.add_argument(
         "--uncertainty",
