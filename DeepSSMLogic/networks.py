@@ -18,7 +18,7 @@ strided 3×3×3 stem (no full-resolution convolution), 3×3×3 residual blocks a
 convolutions instead of max pooling (16, 32, 64 channels at 1/2, 1/4, 1/8 resolution) — and keeps
 everything after it (FC 384 → 96 → output, the PCA layer / the TL decoder) unchanged.
 ``encoder="light2"`` is the same with each level's conv at stride 1 followed by 2× max pooling
-(:class:`LightSpec` ``pool=True``). Light stacks always pad (``conv_padding="same"``).
+(:class:`LightSpec` ``pool=3``). Light stacks always pad (``conv_padding="same"``).
 Architectures without an ``encoder`` field are the paper's; a light network records architecture
 version 2 so older software refuses it, and an encoder name unknown to a release is refused by name.
 """
@@ -47,13 +47,20 @@ LIGHT_CHANNELS = (16, 32, 64)  # at 1/2, 1/4, 1/8 of the input resolution
 @dataclass(frozen=True)
 class LightSpec:
     """Shape of a light encoder: one level per entry of ``channels``, each a 3×3×3 conv that halves
-    the resolution (stride 2, or stride 1 then 2× max pooling when ``pool``) and ``blocks`` residual
-    blocks; ``stem`` > 0 puts a full-resolution 3×3×3 conv of that many channels first."""
+    the resolution and ``blocks`` residual blocks. The first ``pool`` levels halve by a stride-1 conv
+    then 2× max pooling, the others by a stride-2 conv; ``stem`` > 0 puts a full-resolution 3×3×3
+    conv of that many channels first."""
 
     channels: tuple[int, ...] = LIGHT_CHANNELS
     stem: int = 0
     blocks: int = 1
-    pool: bool = False
+    pool: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pool, bool) or not 0 <= self.pool <= len(self.channels):
+            raise ValueError(
+                f"LightSpec.pool: expected a level count 0..{len(self.channels)}, found {self.pool!r}"
+            )
 
 
 # the encoders a network can be built with; a name, once shipped, keeps its layer stack for ever
@@ -63,7 +70,7 @@ LIGHT_ENCODERS: dict[str, LightSpec] = {
     # light2 (issue 16): each level's 3×3×3 conv at stride 1, then 2× max pooling (as the paper's stack
     # pools) instead of a stride-2 conv: on the noisy synthetic atrium it generalised far better
     # (held-out 1.84 vs 3.21 mm, BENCHMARKS.md time to accuracy) for ~1.7× light's FLOPs
-    "light2": LightSpec(pool=True),
+    "light2": LightSpec(pool=3),
 }
 ENCODERS = ("paper", *LIGHT_ENCODERS)
 ARCHITECTURE_VERSION = 2  # 2: the "encoder" field; paper networks still write 1 (older readers load them)
@@ -194,8 +201,8 @@ def _light_conv_stack(spec: LightSpec) -> list[nn.Module]:
     if spec.stem:
         layers += _conv_bn_act(1, spec.stem, 1)
         c_in = spec.stem
-    for c_out in spec.channels:
-        if spec.pool:
+    for level, c_out in enumerate(spec.channels):
+        if level < spec.pool:
             layers += [*_conv_bn_act(c_in, c_out, 1), nn.MaxPool3d(2, ceil_mode=True)]
         else:
             layers += _conv_bn_act(c_in, c_out, 2)

@@ -352,7 +352,8 @@ def test_the_shipped_light_stack_is_frozen():
 
 
 @pytest.mark.parametrize(
-    "spec", [LightSpec(stem=4), LightSpec(pool=True), LightSpec((8, 16), stem=4, blocks=2, pool=True)]
+    "spec",
+    [LightSpec(stem=4), LightSpec(pool=3), LightSpec(pool=1), LightSpec((8, 16), stem=4, blocks=2, pool=2)],
 )
 @pytest.mark.parametrize("shape", [(9, 8, 8), (17, 20, 23)])
 def test_light_specs_build_run_and_round_trip(monkeypatch, spec, shape):
@@ -366,9 +367,9 @@ def test_light_specs_build_run_and_round_trip(monkeypatch, spec, shape):
     assert z.shape[1] == spec.channels[-1] == net.encoder.flat_features // int(np.prod(z.shape[2:]))
     convs = [m for m in net.encoder.conv.modules() if isinstance(m, torch.nn.Conv3d)]
     assert len(convs) == bool(spec.stem) + len(spec.channels) * (1 + 2 * spec.blocks)
-    assert (convs[0].stride == (1, 1, 1)) == (spec.stem > 0 or spec.pool)
+    assert (convs[0].stride == (1, 1, 1)) == (spec.stem > 0 or spec.pool > 0)
     pools = [m for m in net.encoder.conv.modules() if isinstance(m, torch.nn.MaxPool3d)]
-    assert len(pools) == (len(spec.channels) if spec.pool else 0)
+    assert len(pools) == spec.pool
     arch = json.loads(json.dumps(net.architecture))
     assert arch["encoder"] == "x-test" and arch["version"] == 2
     rebuilt = build_network(arch)
@@ -383,7 +384,9 @@ def test_unknown_encoder_names_the_known_ones():
 
 
 def test_light2_is_light_with_max_pooling_and_the_cli_offers_every_encoder():
-    assert LIGHT_ENCODERS["light2"] == LightSpec(LIGHT_CHANNELS, stem=0, blocks=1, pool=True)
+    assert LIGHT_ENCODERS["light2"] == LightSpec(LIGHT_CHANNELS, stem=0, blocks=1, pool=3)
+    with pytest.raises(ValueError, match="level count"):
+        LightSpec(pool=True)
     net = BaseDeepSSM((20, 24, 19), 2, n_particles=4, conv_padding="same", encoder="light2")
     convs = [m for m in net.encoder.conv if isinstance(m, torch.nn.Conv3d)]
     assert [c.stride for c in convs] == [(1, 1, 1)] * 3

@@ -77,24 +77,24 @@ CANDIDATES = {
     "light-wd1e-3": Candidate("light-wd1e-3", "light", weight_decay=1e-3),
     # experimental light stacks (issue 16, atrium gap); registered under their own encoder names
     "light-stem8": Candidate("light-stem8", "x-stem8", spec=_spec(stem=8)),
-    "light-pool": Candidate("light-pool", "x-pool", spec=_spec(pool=True)),
-    "light-stem8-pool": Candidate("light-stem8-pool", "x-stem8-pool", spec=_spec(stem=8, pool=True)),
+    "light-pool": Candidate("light-pool", "x-pool", spec=_spec(pool=3)),
+    "light-stem8-pool": Candidate("light-stem8-pool", "x-stem8-pool", spec=_spec(stem=8, pool=3)),
     "light-wide": Candidate("light-wide", "x-wide", spec=_spec(channels=(24, 48, 96))),
     "light-2blk": Candidate("light-2blk", "x-2blk", spec=_spec(blocks=2)),
     "light-stem16": Candidate("light-stem16", "x-stem16", spec=_spec(stem=16)),
     "light-stem8-wd1e-3": Candidate("light-stem8-wd1e-3", "x-stem8", weight_decay=1e-3, spec=_spec(stem=8)),
-    "light-pool-wd1e-3": Candidate("light-pool-wd1e-3", "x-pool", weight_decay=1e-3, spec=_spec(pool=True)),
-    "light-pool-lr3e-4": Candidate("light-pool-lr3e-4", "x-pool", lr=3e-4, spec=_spec(pool=True)),
-    "light-pool-2blk": Candidate("light-pool-2blk", "x-pool-2blk", spec=_spec(pool=True, blocks=2)),
-    "light-pool-wide": Candidate(
-        "light-pool-wide", "x-pool-wide", spec=_spec(pool=True, channels=(24, 48, 96))
-    ),
+    "light-pool-wd1e-3": Candidate("light-pool-wd1e-3", "x-pool", weight_decay=1e-3, spec=_spec(pool=3)),
+    "light-pool-lr3e-4": Candidate("light-pool-lr3e-4", "x-pool", lr=3e-4, spec=_spec(pool=3)),
+    "light-pool-2blk": Candidate("light-pool-2blk", "x-pool-2blk", spec=_spec(pool=3, blocks=2)),
+    "light-pool-wide": Candidate("light-pool-wide", "x-pool-wide", spec=_spec(pool=3, channels=(24, 48, 96))),
     "light-pool-4lvl": Candidate(
-        "light-pool-4lvl", "x-pool-4lvl", spec=_spec(pool=True, channels=(16, 32, 64, 128))
+        "light-pool-4lvl", "x-pool-4lvl", spec=_spec(pool=4, channels=(16, 32, 64, 128))
     ),
-    "light-pool-p2": Candidate("light-pool-p2", "x-pool", pool_size=2, spec=_spec(pool=True)),
-    "light-pool-p1": Candidate("light-pool-p1", "x-pool", pool_size=1, spec=_spec(pool=True)),
-    "light-pool-wd1e-2": Candidate("light-pool-wd1e-2", "x-pool", weight_decay=1e-2, spec=_spec(pool=True)),
+    "light-pool-p2": Candidate("light-pool-p2", "x-pool", pool_size=2, spec=_spec(pool=3)),
+    "light-pool-p1": Candidate("light-pool-p1", "x-pool", pool_size=1, spec=_spec(pool=3)),
+    "light-pool-wd1e-2": Candidate("light-pool-wd1e-2", "x-pool", weight_decay=1e-2, spec=_spec(pool=3)),
+    "light-pool1": Candidate("light-pool1", "x-pool1", spec=_spec(pool=1)),
+    "light-pool2": Candidate("light-pool2", "x-pool2", spec=_spec(pool=2)),
 }
 
 
