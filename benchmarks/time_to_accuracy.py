@@ -95,6 +95,8 @@ CANDIDATES = {
     "light-pool-wd1e-2": Candidate("light-pool-wd1e-2", "x-pool", weight_decay=1e-2, spec=_spec(pool=3)),
     "light-pool1": Candidate("light-pool1", "x-pool1", spec=_spec(pool=1)),
     "light-pool2": Candidate("light-pool2", "x-pool2", spec=_spec(pool=2)),
+    "light-pool-c8": Candidate("light-pool-c8", "x-pool-c8", spec=_spec(pool=3, channels=(8, 32, 64))),
+    "light-pool1-c8": Candidate("light-pool1-c8", "x-pool1-c8", spec=_spec(pool=1, channels=(8, 32, 64))),
 }
 
 
