@@ -272,7 +272,9 @@ class TrainingOptions:
     downsample: float = 1.0
     margin_mm: float = 10.0
     conv_padding: str = "auto"  # "auto": "valid" (the paper) when the grid allows it, else "same"
-    encoder: str = "paper"  # "paper" | "light" | "light2" (light ones: always "same" padding); see networks
+    # "light2" (issue 16: as accurate as the paper's network on every synthetic family and much faster
+    # on a CPU; BENCHMARKS.md time to accuracy) | "light" | "paper"; light ones always pad ("same")
+    encoder: str = "light2"
     val_fraction: float = 0.15
     n_modes: int | None = None
     # Register training images to the reference like the predictor does. Off by default: a training

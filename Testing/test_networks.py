@@ -397,3 +397,13 @@ def test_light2_is_light_with_max_pooling_and_the_cli_offers_every_encoder():
     for command in ("train", "demo"):
         encoder = next(a for a in sub.choices[command]._actions if a.dest == "encoder")
         assert set(encoder.choices) == {"paper", *LIGHT_ENCODERS}, command
+
+
+def test_the_default_encoder_is_light2_in_the_cli_the_pipeline_and_the_slicer_worker():
+    """issue 16: light2 is `deepssm train`'s default; the Slicer worker trains with the pipeline's."""
+    from DeepSSMLogic.cli import build_parser
+    from DeepSSMLogic.pipeline import TrainingOptions
+
+    assert TrainingOptions().encoder == "light2"
+    args = build_parser().parse_args(["train", "cohort.csv", "--out", "m"])
+    assert args.encoder == TrainingOptions().encoder

@@ -164,7 +164,9 @@ def test_train_model_with_the_papers_valid_convolutions(tmp_path):
     spacing, need = 2.0, minimum_grid_size("valid")
     # the smallest margin that gives the valid encoder its 60 voxels per axis
     margin = next(m for m in np.arange(0.0, 80.0, 1.0) if min(reference_grid(parts, spacing, m).size) >= need)
-    opts = TrainingOptions(epochs=1, batch_size=2, device="cpu", spacing=spacing, margin_mm=float(margin))
+    opts = TrainingOptions(
+        epochs=1, batch_size=2, device="cpu", spacing=spacing, margin_mm=float(margin), encoder="paper"
+    )  # the default encoder (light2) always pads
     outcome = train_model(coh, tmp_path / "m", opts)
     b = load_bundle(outcome.bundle)
     assert b.meta["architecture"]["conv_padding"] == "valid" and min(b.grid.size) == need

@@ -94,10 +94,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--encoder",
         choices=("paper", "light", "light2"),
-        default="paper",
-        help="image encoder: the paper's 5x5x5 conv stack (default), or a lighter 3x3x3 residual one for CPU "
-        "training (same heads; always 'same' padding): light (stride-2 convs) or light2 (stride-1 convs + "
-        "max pooling; more accurate on noisy images); see BENCHMARKS.md, time to accuracy",
+        default="light2",
+        help="image encoder: light2 (default: 3x3x3 residual convs with max pooling, for CPU training; "
+        "same PCA/TL heads, always 'same' padding), light (stride-2 convs: cheaper, less accurate on noisy "
+        "images) or paper (the paper's 5x5x5 conv stack); see BENCHMARKS.md, time to accuracy",
     )
     parser.add_argument(
         "--uncertainty",
