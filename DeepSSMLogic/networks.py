@@ -72,7 +72,13 @@ LIGHT_ENCODERS: dict[str, LightSpec] = {
     # (held-out 1.84 vs 3.21 mm, BENCHMARKS.md time to accuracy) for ~1.7× light's FLOPs
     "light2": LightSpec(pool=3),
 }
-ENCODERS = ("paper", *LIGHT_ENCODERS)
+
+
+def encoder_names() -> tuple[str, ...]:
+    """Every encoder a network can be built with now: "paper" and the registered light stacks."""
+    return ("paper", *LIGHT_ENCODERS)
+
+
 ARCHITECTURE_VERSION = 2  # 2: the "encoder" field; paper networks still write 1 (older readers load them)
 
 
@@ -126,7 +132,7 @@ def is_light(encoder: str) -> bool:
 
 
 def _check_encoder(encoder: str, conv_padding: str) -> None:
-    names = ("paper", *LIGHT_ENCODERS)
+    names = encoder_names()
     if encoder not in names:
         raise InputError(f"architecture field 'encoder': expected one of {names}, found {encoder!r}")
     if is_light(encoder) and conv_padding != "same":

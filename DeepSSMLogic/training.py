@@ -47,7 +47,7 @@ from .losses import (
     per_sample_rmse,
     score_l2,
 )
-from .networks import LIGHT_ENCODERS, BaseDeepSSM, TLDeepSSM
+from .networks import BaseDeepSSM, TLDeepSSM, encoder_names
 from .progress import CancelToken, ProgressCallback, ProgressEvent, null_progress
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -101,7 +101,7 @@ class TrainConfig:
             "variant": ("base", "tl"),
             "loss": ("l2", "focal"),
             "conv_padding": ("valid", "same"),
-            "encoder": ("paper", *LIGHT_ENCODERS),
+            "encoder": encoder_names(),
             "precision": ("auto", "fp32", "bf16"),
             "channels_last": ("auto", "on", "off"),
             "data_on_device": ("auto", "always", "never"),

@@ -37,14 +37,14 @@ def test_quick_run_writes_a_consistent_table_json_and_plot(tmp_path, capsys):
     assert res["complete"] and (out / "time_to_accuracy.png").stat().st_size > 1000
     ds = res["datasets"]["femur"]
     rows = ds["configs"]
-    assert list(rows) == ["paper", "light", "light-x3"]
+    assert list(rows) == ["paper", "light", "light2"]
     # the reference is the paper network's best held-out RMSE of the run, the target 1.05× it
     assert ds["reference_rmse_mm"] == min(p["heldout_rmse_mm"] for p in rows["paper"]["curve"])
     assert ds["target_rmse_mm"] == pytest.approx(1.05 * ds["reference_rmse_mm"])
     assert rows["paper"]["speedup_to_target_vs_paper"] == 1.0
     for name, r in rows.items():
         # the reference (paper) runs its own --paper-epochs, the candidates --epochs × their factor
-        assert len(r["curve"]) == r["epochs"] == {"paper": 3, "light": 2, "light-x3": 6}[name]
+        assert len(r["curve"]) == r["epochs"] == {"paper": 3, "light": 2, "light2": 2}[name]
         seconds = [p["seconds"] for p in r["curve"]]
         assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(r["train_seconds"])
         cpu = [p["cpu_seconds"] for p in r["curve"]]
@@ -61,6 +61,36 @@ def test_quick_run_writes_a_consistent_table_json_and_plot(tmp_path, capsys):
     assert rows["light"]["parameters"] < rows["paper"]["parameters"] / 2
     assert rows["light"]["gflop_per_forward"] < rows["paper"]["gflop_per_forward"] / 4
     assert rows["light"]["bundle_mb"] < rows["paper"]["bundle_mb"]
+    # light2 (the train default) has light's parameters, and pays for its stride-1 levels in FLOPs only
+    assert rows["light2"]["encoder"] == "light2"
+    assert rows["light2"]["parameters"] == rows["light"]["parameters"]
+    assert (
+        rows["light"]["gflop_per_forward"]
+        < rows["light2"]["gflop_per_forward"]
+        < rows["paper"]["gflop_per_forward"]
+    )
     assert 0 < ds["mean_shape_rmse_mm"] and ds["n_heldout"] >= 1
     with pytest.raises(SystemExit, match="previous run"):  # never overwrites a finished run
         tta.main(["--quick", "--out", str(out)])
+
+
+@pytest.mark.slow  # trains two tiny networks: ~10 s idle
+def test_an_experimental_stack_is_registered_for_the_run_and_equals_its_shipped_twin(tmp_path, monkeypatch):
+    from DeepSSMLogic import networks
+
+    monkeypatch.setattr(networks, "LIGHT_ENCODERS", dict(networks.LIGHT_ENCODERS))  # undone after the test
+    out = tmp_path / "tta"
+    assert tta.main(["--quick", "--out", str(out), "--configs", "light2", "light-pool"]) == 0
+    rows = json.loads((out / "time_to_accuracy.json").read_text())["datasets"]["femur"]["configs"]
+    assert rows["light-pool"]["encoder"] == "x-pool" and networks.LIGHT_ENCODERS[
+        "x-pool"
+    ] == networks.LightSpec(pool=3)
+    # the same stack under another name: the same seed gives the same curve (the trainer is deterministic)
+    curve = [[p["heldout_rmse_mm"], p["train_loss"], p["heldout_loss"]] for p in rows["light2"]["curve"]]
+    assert curve == [
+        [p["heldout_rmse_mm"], p["train_loss"], p["heldout_loss"]] for p in rows["light-pool"]["curve"]
+    ]
+    # a name already taken by another stack is refused rather than silently reused
+    networks.LIGHT_ENCODERS["x-pool"] = networks.LightSpec(pool=1)
+    with pytest.raises(SystemExit, match="already names another stack"):
+        tta.main(["--quick", "--out", str(tmp_path / "again"), "--configs", "light-pool"])

@@ -3,8 +3,10 @@
 For each dataset (a synthetic family generated here, or ``--cohort CSV``) the script prepares the
 training arrays once — reference grid, resampled images, intensity normaliser, PCA shape model,
 offline KDE augmentation — and then trains every configuration on exactly those arrays with the
-same seed: ``paper`` (the paper's network with today's CLI defaults), ``light`` (``encoder="light"``,
-same epochs) and ``light-x3`` (light with 3× the epochs). After every epoch the trainer evaluates the
+same seed: by default ``paper`` (the paper's network), ``light`` (``encoder="light"``) and ``light2``
+(``encoder="light2"``, ``deepssm train``'s default since issue 16); ``--configs`` picks others: ``light-x3``
+(light with 3× the epochs), optimiser variants and experimental light stacks (``CANDIDATES``; each
+``LightSpec`` is registered under its own encoder name for the run). After every epoch the trainer evaluates the
 held-out subjects (the cohort's ``test`` split, else ``val``), so the curve is held-out RMSE (mm, per
 sample per-point Euclidean RMSE, mean over subjects) against cumulative epoch seconds (training +
 that evaluation; data preparation excluded, identical for all configurations); the same curve is
@@ -105,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (created; must not hold a previous run)")
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--cohort", help="also (or with --families none given: only) run on this cohort CSV")
-    p.add_argument("--configs", nargs="+", choices=sorted(CANDIDATES), default=["paper", "light", "light-x3"])
+    p.add_argument("--configs", nargs="+", choices=sorted(CANDIDATES), default=["paper", "light", "light2"])
     p.add_argument("--n-subjects", type=int, default=40, help="synthetic subjects per family")
     p.add_argument("--image-size", type=int, default=64, help="synthetic image voxels per axis")
     p.add_argument("--image-spacing", type=float, default=1.5, help="synthetic image spacing, mm")
