@@ -69,7 +69,7 @@ LIGHT_ENCODERS: dict[str, LightSpec] = {
     "light": LightSpec(),
     # light2 (issue 16): each level's 3×3×3 conv at stride 1, then 2× max pooling (as the paper's stack
     # pools) instead of a stride-2 conv: on the noisy synthetic atrium it generalised far better
-    # (held-out 1.84 vs 3.21 mm, BENCHMARKS.md time to accuracy) for ~1.7× light's FLOPs and ~3× its CPU time
+    # (held-out 1.84 vs 3.21 mm, BENCHMARKS.md time to accuracy) for ~1.7× light's FLOPs and ~2.7× its CPU time
     "light2": LightSpec(pool=3),
 }
 
