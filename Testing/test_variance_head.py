@@ -9,19 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from helpers_predict import make_tiny_bundle, phantom_image, tiny_bundle_parts
+from helpers_predict import make_tiny_bundle, phantom_image, save_calibrated_bundle, tiny_bundle_parts
 
 from DeepSSMLogic import io
 from DeepSSMLogic.augment.corruption import corrupt_array, random_corruption
-from DeepSSMLogic.bundle import load_bundle, read_bundle_meta, save_bundle
+from DeepSSMLogic.bundle import load_bundle, read_bundle_meta
 from DeepSSMLogic.bundle_schema import validate_meta
 from DeepSSMLogic.cli import main
 from DeepSSMLogic.errors import BundleError, InputError
 from DeepSSMLogic.predict import Predictor
 from DeepSSMLogic.preprocess import resample_to_grid
-from DeepSSMLogic.trust_calibration import calibrate_model
 from DeepSSMLogic.uncertainty import NonFiniteUncertaintyError, UncertaintySpec, predict_with_uncertainty
 from DeepSSMLogic.variance_head import (
     VarianceHead,
@@ -70,27 +68,9 @@ def _variance_net():
 def variance_bundle(tmp_path_factory) -> Path:
     net, spec, _, sm, grid, ref, norm = _variance_net()
     val_images, val_particles = _phantom_set(grid, 6, sm, seed0=30)
-    cal = calibrate_model(
-        net,
-        spec,
-        [(v[None], p) for v, p in zip(val_images, val_particles, strict=True)],
-        normalizer=norm,
-        reference=sitk.GetArrayFromImage(ref),
-        shape_model=sm,
-        train_images=val_images[:4],
-    )
+    val_set = [(v[None], p) for v, p in zip(val_images, val_particles, strict=True)]
     path = tmp_path_factory.mktemp("var") / "variance.zip"
-    return save_bundle(
-        path,
-        net,
-        net.architecture,
-        grid,
-        norm,
-        sm,
-        ref,
-        uncertainty=cal.spec.to_dict(),
-        ood=cal.ood.to_dict(),
-    )
+    return save_calibrated_bundle(path, net, spec, val_set, val_images[:4], (sm, grid, ref, norm))
 
 
 # -- corruptions ------------------------------------------------------------------------------------
