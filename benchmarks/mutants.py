@@ -194,6 +194,38 @@ MUTANTS: tuple[Mutant, ...] = (
         ("Testing/test_slicer_uncertainty.py",),
         "Colour by: uncertainty still shows the error heatmap",
     ),
+    Mutant(
+        "variance-propagation-abs-jacobian",
+        "DeepSSMLogic/variance_head.py",
+        'torch.einsum("bmck,bk->bm", jacobian.float() ** 2, variance.float())',
+        'torch.einsum("bmck,bk->bm", jacobian.float().abs(), variance.float())',
+        ("Testing/test_variance_head.py",),
+        "per-particle variance uncertainty is not the trace of the propagated covariance",
+    ),
+    Mutant(
+        "variance-tl-jacobian-slope",
+        "DeepSSMLogic/variance_head.py",
+        "torch.full_like(pre, float(act.negative_slope))",
+        "torch.full_like(pre, 1.0)",
+        ("Testing/test_variance_head.py",),
+        "TL-DeepSSM's decoder Jacobian ignores the LeakyReLU's negative side",
+    ),
+    Mutant(
+        "variance-schema-head-unchecked",
+        "DeepSSMLogic/bundle_schema.py",
+        '    if method == "variance":\n        _validate_variance_head(f, unc)\n',
+        "",
+        ("Testing/test_variance_head.py",),
+        "a model.json with a malformed variance head passes the schema",
+    ),
+    Mutant(
+        "variance-head-not-rebuilt",
+        "DeepSSMLogic/uncertainty.py",
+        "        attach_variance_head(net, VarianceHead.from_config(spec.head))",
+        "        pass",
+        ("Testing/test_variance_head.py",),
+        "a variance bundle loads without its head",
+    ),
 )
 
 
