@@ -680,6 +680,9 @@ def uncertainty_spec(opts: TrainingOptions) -> Any:
         method=opts.uncertainty, dropout=opts.mc_dropout, samples=opts.mc_samples, members=opts.ensemble_size
     )
     spec.validate("--uncertainty options")
+    n = opts.variance_corruptions
+    if spec.method == "variance" and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000):
+        raise InputError(f"--variance-corruptions: expected an integer in 0..1000, found {n!r}")
     return spec
 
 

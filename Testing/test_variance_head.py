@@ -264,6 +264,16 @@ def test_schema_names_the_bad_variance_field(variance_bundle, edit, field):
         validate_meta(bad, "m")
 
 
+def test_bad_corruption_count_is_refused_before_training():
+    from DeepSSMLogic.pipeline import TrainingOptions, uncertainty_spec
+
+    assert uncertainty_spec(TrainingOptions(uncertainty="variance")).method == "variance"
+    with pytest.raises(
+        InputError, match=r"--variance-corruptions: expected an integer in 0\.\.1000, found -1"
+    ):
+        uncertainty_spec(TrainingOptions(uncertainty="variance", variance_corruptions=-1))
+
+
 def test_spec_round_trip_and_refusals():
     head = VarianceHead(8, 3).config
     spec = UncertaintySpec(method="variance", head=head, scale=1.5)
