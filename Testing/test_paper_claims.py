@@ -156,3 +156,18 @@ def test_tiny_study_end_to_end(tmp_path):
     # ... but never a seed made with other settings
     with pytest.raises(SystemExit, match="epochs"):
         pc.main([*argv[: argv.index("--epochs")], "--epochs", "2", *argv[argv.index("--epochs") + 2 :]])
+
+
+def test_seed_major_order_runs_every_family_before_the_next_seed():
+    pc = _module()
+    fams = ["atrium", "femur", "cranium"]
+    assert pc.parse_args([]).order == "seed"
+    assert pc.run_order(fams, [0, 1], "seed") == [
+        ("atrium", 0), ("femur", 0), ("cranium", 0), ("atrium", 1), ("femur", 1), ("cranium", 1)
+    ]  # fmt: skip
+    assert pc.run_order(fams, [0, 1], "family")[:2] == [("atrium", 0), ("atrium", 1)]
+    # a run stopped after k jobs has every family within one seed of the others
+    jobs = pc.run_order(fams, list(range(5)), "seed")
+    for k in range(len(jobs)):
+        counts = [sum(f == fam for f, _ in jobs[:k]) for fam in fams]
+        assert max(counts) - min(counts) <= 1
