@@ -171,3 +171,47 @@ def test_seed_major_order_runs_every_family_before_the_next_seed():
     for k in range(len(jobs)):
         counts = [sum(f == fam for f, _ in jobs[:k]) for fam in fams]
         assert max(counts) - min(counts) <= 1
+
+
+def test_label_association_finds_the_mode_that_carries_the_group_and_the_model_that_misses_it():
+    """The group is carried by the PDM's second mode; a 'network' that predicts the first mode only
+    has r ≈ 1 there and ≈ 0 on mode 2, and the report names mode 2 and that r."""
+    pc = _module()
+    rng = np.random.default_rng(1)
+    n, m = 40, 20
+    d1, d2 = np.zeros((m, 3)), np.zeros((m, 3))
+    d1[:, 0], d2[:10, 1] = 1.0, 1.0
+    a1, a2 = 5.0 * rng.standard_normal(n), 2.0 * rng.standard_normal(n)
+    f1, f2 = a1[:28] - a1[:28].mean(), a2[:28] - a2[:28].mean()
+    a2[:28] -= f1 * (f1 @ f2) / (f1 @ f1)  # uncorrelated in the fit subjects: the PDM's modes are d1, d2
+    shapes = a1[:, None, None] * d1 + a2[:, None, None] * d2 + 0.05 * rng.standard_normal((n, m, 3))
+    abnormal = (a2 > 0).astype(float)
+    pred = a1[28:, None, None] * d1 + 0.05 * rng.standard_normal((n - 28, m, 3))  # misses mode 2
+    mc = pc._mode_correlation(shapes[:28], shapes[28:], pred, shapes, abnormal)
+    assert int(np.argmax(mc["label_r"][:2])) == 1 and mc["label_r"][1] > max(0.6, mc["label_r"][0] + 0.3)
+    assert mc["pearson"][0] > 0.95 and abs(mc["pearson"][1]) < 0.7
+    # without labels: the old fields only (seeds stored before label_r keep their report)
+    assert "label_r" not in pc._mode_correlation(shapes[:28], shapes[28:], pred)
+
+    down = {"severity_auc": 0.9, "severity_pearson": None, "classifier_accuracy": 0.9}
+    seeds = [
+        {
+            "seed": s,
+            "mean_shape": {"rmse_mm": [2.0] * 3},
+            "ground_truth": down,
+            "models": {
+                "base-l2": {
+                    "train_seconds": 1.0,
+                    "rmse_mm": [1.0] * 3,
+                    "surface_mean_mm": [1.0] * 3,
+                    "downstream": down | {"classifier_accuracy": 0.6},
+                    "mode_correlation": mc,
+                }
+            },
+        }
+        for s in range(2)
+    ]
+    cells = pc.analyse({"femur": seeds}, pc.parse_args(["--n-boot", "200"]))["cells"]
+    assert cells["femur"]["base-l2"]["mode_correlation"]["label_r_mean"][1] == pytest.approx(mc["label_r"][1])
+    (line,) = [x for x in pc._mode_reading({"cells": cells}) if x]
+    assert "PDM mode 2" in line and f"r = {mc['pearson'][1]:.2f}" in line and "accuracy -0.30" in line

@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spacing", type=float, default=4.0, help="voxel spacing, mm")
     p.add_argument("--particles", type=int, default=128)
     p.add_argument("--epochs", type=int, default=20, help="Base epochs; TL: the same for each stage")
+    p.add_argument(
+        "--ae-epochs",
+        type=int,
+        default=100,
+        help="TL: the correspondence autoencoder's epochs (cheap: particles only, no images; 100 = "
+        "deepssm train's default; at --epochs it stopped short of converging)",
+    )
     p.add_argument("--augment", type=int, default=40, help="offline augmented samples per model")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
@@ -119,7 +126,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # what a finished seed was made with; a rerun reuses it only with the same values
-SEED_SETTINGS = ("n", "size", "spacing", "particles", "epochs", "augment", "batch_size", "encoder")
+SEED_SETTINGS = (
+    "n",
+    "size",
+    "spacing",
+    "particles",
+    "epochs",
+    "augment",
+    "batch_size",
+    "encoder",
+    "ae_epochs",
+)
 CLAIMS_GRID = {"atrium": ["base-l2", "tl-l2"], "femur": ["base-l2", "base-focal"], "cranium": ["base-l2"]}
 
 
@@ -147,9 +164,18 @@ def _downstream(an: dict[str, Any], predicted: bool) -> dict[str, Any]:
     }
 
 
-def _mode_correlation(gt_fit: np.ndarray, gt_test: np.ndarray, pred_test: np.ndarray) -> dict[str, Any]:
+def _mode_correlation(
+    gt_fit: np.ndarray,
+    gt_test: np.ndarray,
+    pred_test: np.ndarray,
+    gt_all: np.ndarray | None = None,
+    abnormal_all: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Pearson r between the ground-truth PDM's scores of the true and of the predicted test shapes,
-    per mode (the PDM fitted on the training ground truth), with each mode's variance fraction."""
+    per mode (the PDM fitted on the training ground truth), with each mode's variance fraction; with
+    ``gt_all``/``abnormal_all`` (every subject's true particles and 0/1 abnormal-group label) also
+    ``label_r``: each mode's |point-biserial r| between the true scores and the group label, i.e.
+    which modes carry what the downstream classifier must see (None where undefined)."""
     from DeepSSMLogic.analysis.metrics import correlation
     from DeepSSMLogic.shape_model import ShapeModel
 
@@ -157,7 +183,57 @@ def _mode_correlation(gt_fit: np.ndarray, gt_test: np.ndarray, pred_test: np.nda
     k = min(N_MODES_CORR, pdm.n_modes)
     s_gt, s_pred = pdm.project(gt_test, n_modes=k), pdm.project(pred_test, n_modes=k)
     r = [correlation(s_pred[:, j], s_gt[:, j]).pearson if np.ptp(s_gt[:, j]) > 0 else None for j in range(k)]
-    return {"pearson": r, "variance_fraction": [float(v) for v in pdm.explained_variance_ratio[:k]]}
+    out: dict[str, Any] = {
+        "pearson": r,
+        "variance_fraction": [float(v) for v in pdm.explained_variance_ratio[:k]],
+    }
+    if gt_all is not None and abnormal_all is not None:
+        lab = np.asarray(abnormal_all, dtype=np.float64)
+        s_all = pdm.project(gt_all, n_modes=k)
+        out["label_r"] = [
+            abs(correlation(s_all[:, j], lab).pearson)
+            if np.ptp(lab) > 0 and np.ptp(s_all[:, j]) > 0
+            else None
+            for j in range(k)
+        ]
+    return out
+
+
+def _cohort_arrays(coh: Any, family: str) -> dict[str, np.ndarray]:
+    """The true particles of the fit (train + val), test and all subjects, and every subject's 0/1
+    abnormal-group label (the family's normal group → 0)."""
+    normal = FAMILY_LABELS[family][0]
+    everyone = coh.by_split("train", "val", "test")
+    return {
+        "gt_fit": coh.particles(coh.by_split("train", "val")),
+        "gt_test": coh.particles(coh.by_split("test")),
+        "gt_all": coh.particles(everyone),
+        "abnormal_all": np.array([s.group != normal for s in everyone], dtype=float),
+    }
+
+
+def _add_label_association(done: dict[str, Any], seed_dir: Path, family: str) -> bool:
+    """Fill ``mode_correlation.label_r`` into a seed finished before it existed, from the cohort and
+    the stored test predictions on disk (nothing is retrained); True when something was added."""
+    from DeepSSMLogic import io
+    from DeepSSMLogic.cohort import load_cohort
+
+    missing = [n for n, m in done["models"].items() if "label_r" not in m["mode_correlation"]]
+    if not missing:
+        return False
+    coh = load_cohort(seed_dir / "cohort" / "cohort.csv")
+    arr = _cohort_arrays(coh, family)
+    for name in missing:
+        pred = np.stack(
+            [
+                io.read_particles(seed_dir / f"eval-{name}" / "predictions" / f"{sid}.particles")
+                for sid in done["test_ids"]
+            ]
+        )
+        done["models"][name]["mode_correlation"] = _mode_correlation(
+            arr["gt_fit"], arr["gt_test"], pred, arr["gt_all"], arr["abnormal_all"]
+        )
+    return True
 
 
 def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -183,6 +259,8 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
             )
         if set(variants_for(family, args)) <= set(done["models"]):
             print(f"[{family} seed {seed}] reused {done_file}", flush=True)
+            if _add_label_association(done, seed_dir, family):
+                atomic_write_json(done_file, done)
             return done
     normal, label_col, sev_col = FAMILY_LABELS[family]
     cohort = seed_dir / "cohort" / "cohort.csv"
@@ -199,8 +277,8 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
         )
     coh = load_cohort(cohort)
     test = coh.by_split("test")
-    fit = coh.by_split("train", "val")
-    gt_test, gt_fit = coh.particles(test), coh.particles(fit)
+    arrays = _cohort_arrays(coh, family)
+    gt_test, gt_fit = arrays["gt_test"], arrays["gt_fit"]
     common = {"normal_group": normal, "label_column": label_col, "severity_column": sev_col}
     an_opts = {"n_permutations": args.permutations, "seed": seed, "render": False}
     res: dict[str, Any] = {
@@ -225,7 +303,7 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
         extra: dict[str, Any] = {}
         if variant == "tl":
             extra = {
-                "ae_epochs": args.epochs,
+                "ae_epochs": args.epochs if args.ae_epochs is None else args.ae_epochs,
                 "tf_epochs": args.epochs,
                 "joint_epochs": max(1, args.epochs // 4),
             }
@@ -269,7 +347,9 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
             "rmse_mm": [by_id[s.id]["rmse_mm"] for s in test],
             "surface_mean_mm": [by_id[s.id].get("surface_mean_mm") for s in test],
             "downstream": _downstream(an, True),
-            "mode_correlation": _mode_correlation(gt_fit, gt_test, pred),
+            "mode_correlation": _mode_correlation(
+                gt_fit, gt_test, pred, arrays["gt_all"], arrays["abnormal_all"]
+            ),
         }
         print(
             f"[{family} seed {seed}] {name}: RMSE {np.mean(res['models'][name]['rmse_mm']):.3f} mm "
@@ -349,6 +429,15 @@ def analyse(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
                 "pearson_mean": [float(np.nanmean(corr[:, j])) for j in range(corr.shape[1])],
                 "variance_fraction_mean": [float(var[:, j].mean()) for j in range(var.shape[1])],
             }
+            if all("label_r" in m["mode_correlation"] for m in ms):
+                lab = np.array(
+                    [[np.nan if r is None else r for r in m["mode_correlation"]["label_r"]] for m in ms],
+                    dtype=float,
+                )
+                c["mode_correlation"]["label_r_mean"] = [
+                    float(np.nanmean(lab[:, j])) if np.isfinite(lab[:, j]).any() else None
+                    for j in range(lab.shape[1])
+                ]
             cells[n] = c
         out["cells"][fam] = cells
         # every pair of the grid, and each model against the mean shape
@@ -475,6 +564,7 @@ def write_markdown(doc: dict[str, Any]) -> str:
         "",
         *_incomplete_reading(doc),
         *_sanity_reading(stats_),
+        *_mode_reading(stats_),
         "How the verdicts are made (and the tests that pin the rules down):",
         "",
         "- *Difference claims* (TL vs Base, focal vs L2, model vs mean shape): paired over the same test "
@@ -512,8 +602,13 @@ def write_markdown(doc: dict[str, Any]) -> str:
         "(seeds finished by an earlier invocation of the same settings are reused, not retrained); "
         f"training time summed over all {n_models} models: {train_total / 60:.1f} min. Per family and seed: a fresh cohort "
         f"of {cfg['n']} subjects (split 0.6/0.1/0.3), {cfg['size']}³ voxels at {cfg['spacing']} mm, "
-        f"{cfg['particles']} particles; {cfg['epochs']} epochs (TL: the same per stage, joint "
-        f"{max(1, cfg['epochs'] // 4)}), {cfg['augment']} offline KDE-augmented samples, batch "
+        f"{cfg['particles']} particles; {cfg['epochs']} epochs (TL: "
+        + (
+            "the same per stage"
+            if cfg.get("ae_epochs") is None
+            else f"autoencoder {cfg['ae_epochs']}, image-to-latent {cfg['epochs']}"
+        )
+        + f", joint {max(1, cfg['epochs'] // 4)}), {cfg['augment']} offline KDE-augmented samples, batch "
         f"{cfg['batch_size']}, encoder `{cfg['encoder']}` (the paper's network); seeds requested "
         f"{', '.join(str(s) for s in meta['seeds'])} (each seed: cohort, augmentation and initialisation); "
         "seeds finished: "
@@ -578,6 +673,13 @@ def write_markdown(doc: dict[str, Any]) -> str:
                 + " |",
                 "|---|" + "---|" * k,
             ]
+            label_r = cells[models[0]]["mode_correlation"].get("label_r_mean")
+            if label_r is not None:
+                out.append(
+                    "| *ground truth: \\|r\\| of the true scores with the group label* | "
+                    + " | ".join(_f(r, 2) for r in label_r)
+                    + " |"
+                )
             for n in models:
                 out.append(
                     f"| {n} | "
@@ -661,6 +763,44 @@ def _sanity_reading(stats_: dict[str, Any]) -> list[str]:
         ]
         lines.append(f"- {fam}, ground-truth PDM downstream (mean [95 % CI] over seeds): {', '.join(parts)}.")
     return [*lines, ""]
+
+
+def _mode_reading(stats_: dict[str, Any]) -> list[str]:
+    """Per family: the mode of the ground-truth PDM most tied to the group label and how well each
+    model recovers it (Pearson r of predicted vs true scores), beside each model's downstream gap
+    (predicted − ground truth): a network that misses the label-carrying mode cannot match the PDM
+    downstream whatever its RMSE. Empty for results made before ``label_r`` existed."""
+    lines = []
+    for fam, cells in stats_["cells"].items():
+        models = [n for n in cells if n not in (MEAN_SHAPE, "ground-truth PDM")]
+        lab = [cells[n]["mode_correlation"].get("label_r_mean") for n in models]
+        if not models or any(v is None for v in lab):
+            continue
+        vals = [np.nan if v is None else v for v in lab[0]]
+        if not np.isfinite(vals).any():
+            continue
+        j = int(np.nanargmax(vals))
+        gt = cells["ground-truth PDM"]
+        parts = []
+        for n in models:
+            c = cells[n]
+            gaps = [
+                f"{label} {c[m]['mean'] - gt[m]['mean']:+.2f}"
+                for m, label in (("classifier_accuracy", "accuracy"), ("severity_auc", "severity AUC"))
+                if c.get(m) and gt.get(m)
+            ]
+            parts.append(
+                f"{n} r = {_f(c['mode_correlation']['pearson_mean'][j], 2)}"
+                + (f" (downstream gap {', '.join(gaps)})" if gaps else "")
+            )
+        var = cells[models[0]]["mode_correlation"]["variance_fraction_mean"][j]
+        lines.append(
+            f"- {fam}: the group label is carried most by PDM mode {j + 1} (|r| = {vals[j]:.2f} with the "
+            f"label, {100 * var:.1f} % of the variance); predicted vs true scores on that mode: "
+            + "; ".join(parts)
+            + "."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _group_table(seeds: list[dict[str, Any]], models: list[str], perms: int) -> list[str]:
