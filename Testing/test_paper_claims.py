@@ -215,3 +215,41 @@ def test_label_association_finds_the_mode_that_carries_the_group_and_the_model_t
     assert cells["femur"]["base-l2"]["mode_correlation"]["label_r_mean"][1] == pytest.approx(mc["label_r"][1])
     (line,) = [x for x in pc._mode_reading({"cells": cells}) if x]
     assert "PDM mode 2" in line and f"r = {mc['pearson'][1]:.2f}" in line and "accuracy -0.30" in line
+
+
+def test_reused_seed_gets_the_label_association_from_disk(tmp_path):
+    """A seed finished before label_r existed: the rerun fills it from the cohort and the stored test
+    predictions (nothing retrained), equal to computing it fresh."""
+    import SimpleITK as sitk
+
+    from DeepSSMLogic import io
+    from DeepSSMLogic.cohort import load_cohort
+
+    pc = _module()
+    seed_dir = tmp_path / "femur" / "seed0"
+    rng = np.random.default_rng(0)
+    base_shape = 20.0 * rng.standard_normal((32, 3))
+    rows = ["id,image,particles,group,split"]
+    for i in range(12):
+        sid, group = f"s{i:02d}", ("normal" if i % 2 else "cam")
+        shape = base_shape + rng.standard_normal((32, 3)) + (3.0 if group == "cam" else 0.0)
+        io.write_particles(seed_dir / "cohort" / f"{sid}.particles", shape)
+        sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkInt16), str(seed_dir / "cohort" / f"{sid}.nrrd"))
+        rows.append(f"{sid},{sid}.nrrd,{sid}.particles,{group},{'test' if i >= 8 else 'train'}")
+    (seed_dir / "cohort" / "cohort.csv").write_text("\n".join(rows) + "\n")
+    coh = load_cohort(seed_dir / "cohort" / "cohort.csv")
+    test = coh.by_split("test")
+    for s in test:
+        pts = io.read_particles(s.particles) + 0.3 * rng.standard_normal((32, 3))
+        io.write_particles(seed_dir / "eval-base-l2" / "predictions" / f"{s.id}.particles", pts)
+    arr = pc._cohort_arrays(coh, "femur")
+    assert arr["abnormal_all"].tolist() == [float(i % 2 == 0) for i in range(12)]
+    pred = np.stack(
+        [io.read_particles(seed_dir / "eval-base-l2" / "predictions" / f"{s.id}.particles") for s in test]
+    )
+    fresh = pc._mode_correlation(arr["gt_fit"], arr["gt_test"], pred, arr["gt_all"], arr["abnormal_all"])
+    old = {k: v for k, v in fresh.items() if k != "label_r"}
+    done = {"test_ids": [s.id for s in test], "models": {"base-l2": {"mode_correlation": dict(old)}}}
+    assert pc._add_label_association(done, seed_dir, "femur") is True
+    assert done["models"]["base-l2"]["mode_correlation"] == fresh
+    assert pc._add_label_association(done, seed_dir, "femur") is False  # already there
