@@ -591,7 +591,12 @@ def write_markdown(doc: dict[str, Any]) -> str:
         "permutation p-values and Benjamini–Hochberg FDR, the global T² on PCA scores, and the older "
         "norm-of-mean-difference permutation test: `Testing/test_analysis.py` (no difference → few "
         "discoveries; a planted local bump → discoveries at the bump).",
-        "- The script itself: `Testing/test_paper_claims.py` (a tiny run end to end, JSON → markdown).",
+        "- Per-mode correlation (tables below) and the label-carrying mode (the readings above): "
+        "`Testing/test_paper_claims.py::test_label_association_finds_the_mode_that_carries_the_group_and_the_model_that_misses_it` "
+        "(a group planted on the PDM's second mode and a prediction that misses it: |r| with the label "
+        "peaks on mode 2, the prediction's r there is low, and the reading names mode 2).",
+        "- The script itself: `Testing/test_paper_claims.py` (a tiny run end to end, JSON → markdown; "
+        "seed-major order, so a stopped run keeps every family within one seed of the others).",
         "",
         "## Budget and machine",
         "",
