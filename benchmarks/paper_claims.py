@@ -603,7 +603,9 @@ def write_markdown(doc: dict[str, Any]) -> str:
         f"{meta['device']}; {meta['platform']}; Python {meta['python']}; torch {meta['torch']}"
         + (f", {meta['threads']} thread(s)" if "threads" in meta else "")
         + "; "
-        f"{meta['load']}. Wall time of the invocation that wrote this: {meta['seconds'] / 60:.1f} min "
+        f"{meta['load']}"
+        + (f", {meta['load_start']}" if "load_start" in meta else "")
+        + f". Wall time of the invocation that wrote this: {meta['seconds'] / 60:.1f} min "
         "(seeds finished by an earlier invocation of the same settings are reused, not retrained); "
         f"training time summed over all {n_models} models: {train_total / 60:.1f} min. Per family and seed: a fresh cohort "
         f"of {cfg['n']} subjects (split 0.6/0.1/0.3), {cfg['size']}³ voxels at {cfg['spacing']} mm, "
@@ -902,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
         config = {k: v for k, v in vars(args).items() if k not in ("from_json",)}
         t0 = time.perf_counter()
+        load_start = _machine(args.device)["load"].replace("at the end", "at the start")
         done: dict[str, list[dict[str, Any]]] = {fam: [] for fam in args.families}
         doc = None
         for fam, s in run_order(args.families, seeds, args.order):
@@ -920,6 +923,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seeds": seeds,
                     "config": config,
                     "families_done": list(results),
+                    "load_start": load_start,
                     **_machine(args.device),
                 },
                 "results": results,
