@@ -194,8 +194,9 @@ def test_label_association_finds_the_mode_that_carries_the_group_and_the_model_t
     assert "label_r" not in pc._mode_correlation(shapes[:28], shapes[28:], pred)
 
     down = {"severity_auc": 0.9, "severity_pearson": None, "classifier_accuracy": 0.9}
-    seeds = [
-        {
+
+    def seed(s, mode_corr):
+        return {
             "seed": s,
             "mean_shape": {"rmse_mm": [2.0] * 3},
             "ground_truth": down,
@@ -205,16 +206,24 @@ def test_label_association_finds_the_mode_that_carries_the_group_and_the_model_t
                     "rmse_mm": [1.0] * 3,
                     "surface_mean_mm": [1.0] * 3,
                     "downstream": down | {"classifier_accuracy": 0.6},
-                    "mode_correlation": mc,
+                    "mode_correlation": mode_corr,
                 }
             },
         }
-        for s in range(2)
-    ]
-    cells = pc.analyse({"femur": seeds}, pc.parse_args(["--n-boot", "200"]))["cells"]
+
+    args = pc.parse_args(["--n-boot", "200"])
+    cells = pc.analyse({"femur": [seed(0, mc), seed(1, mc)]}, args)["cells"]
     assert cells["femur"]["base-l2"]["mode_correlation"]["label_r_mean"][1] == pytest.approx(mc["label_r"][1])
     (line,) = [x for x in pc._mode_reading({"cells": cells}) if x]
-    assert "PDM mode 2" in line and f"r = {mc['pearson'][1]:.2f}" in line and "accuracy -0.30" in line
+    assert (
+        "mode 2 in every seed" in line and f"r = {mc['pearson'][1]:.2f}" in line and "accuracy -0.30" in line
+    )
+    # PDM modes are per seed: where another seed's label sits on mode 1, that seed's r is mode 1's
+    swapped = mc | {"label_r": [mc["label_r"][1], mc["label_r"][0], *mc["label_r"][2:]]}
+    cells = pc.analyse({"femur": [seed(0, mc), seed(1, swapped)]}, args)["cells"]
+    (line,) = [x for x in pc._mode_reading({"cells": cells}) if x]
+    assert "modes 2, 1 in seeds 0, 1" in line
+    assert f"r = {(mc['pearson'][1] + mc['pearson'][0]) / 2:.2f}" in line
 
 
 def test_reused_seed_gets_the_label_association_from_disk(tmp_path):

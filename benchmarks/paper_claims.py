@@ -438,6 +438,20 @@ def analyse(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
                     float(np.nanmean(lab[:, j])) if np.isfinite(lab[:, j]).any() else None
                     for j in range(lab.shape[1])
                 ]
+                # per seed, the mode most tied to the label (the index differs between seeds' PDMs)
+                # and this model's r on it
+                ok = [i for i in range(len(ms)) if np.isfinite(lab[i]).any()]
+                top = [int(np.nanargmax(lab[i])) for i in ok]
+                c["mode_correlation"]["label_mode"] = {
+                    "seeds": [seeds[i]["seed"] for i in ok],
+                    "mode": [j + 1 for j in top],
+                    "label_r": [float(lab[i, j]) for i, j in zip(ok, top, strict=True)],
+                    "variance_fraction": [float(var[i, j]) for i, j in zip(ok, top, strict=True)],
+                    "pearson": [
+                        None if np.isnan(corr[i, j]) else float(corr[i, j])
+                        for i, j in zip(ok, top, strict=True)
+                    ],
+                }
             cells[n] = c
         out["cells"][fam] = cells
         # every pair of the grid, and each model against the mean shape
@@ -747,15 +761,29 @@ def _sanity_reading(stats_: dict[str, Any]) -> list[str]:
     ground-truth PDM achieves downstream: the context every claim verdict needs."""
     sanity = [c for c in stats_["claims"] if not c.get("paper")]
     beat = [c for c in sanity if c["verdict"] == "established"]
-    lines = [
-        f"- Models established as more accurate than predicting the training mean shape: {len(beat)} of "
-        f"{len(sanity)}"
-        + (
+    missed = [c for c in sanity if c["verdict"] != "established"]
+    if not beat:
+        tail = (
             " — at this budget the networks have not (yet) learned the shapes, so the model-vs-model "
             "claims below compare near-mean predictions and cannot be settled here."
-            if len(beat) < len(sanity)
-            else "."
-        ),
+        )
+    elif missed:
+        tail = (
+            " — not established for "
+            + ", ".join(c["claim"].split(" more accurate")[0] for c in missed)
+            + ": the claims that involve those models compare near-mean predictions and cannot be "
+            "settled here."
+        )
+    else:
+        tail = "."
+    ratios = ", ".join(
+        f"{c['claim'].split(' more accurate')[0]} {c['test']['mean_b'] / c['test']['mean_a']:.2f}"
+        for c in sanity
+        if c["test"]["mean_a"] > 0
+    )
+    lines = [
+        f"- Models established as more accurate than predicting the training mean shape: {len(beat)} of "
+        f"{len(sanity)}" + tail + (f" Model RMSE / mean-shape RMSE: {ratios}." if beat else ""),
     ]
     for fam, cells in stats_["cells"].items():
         gt = cells["ground-truth PDM"]
@@ -773,23 +801,20 @@ def _sanity_reading(stats_: dict[str, Any]) -> list[str]:
 
 
 def _mode_reading(stats_: dict[str, Any]) -> list[str]:
-    """Per family: the mode of the ground-truth PDM most tied to the group label and how well each
-    model recovers it (Pearson r of predicted vs true scores), beside each model's downstream gap
-    (predicted − ground truth): a network that misses the label-carrying mode cannot match the PDM
-    downstream whatever its RMSE. Empty for results made before ``label_r`` existed."""
+    """Per family: in each seed the mode of the ground-truth PDM most tied to the group label, and
+    how well each model recovers it (Pearson r of predicted vs true scores on that seed's mode, mean
+    [95 % CI] over seeds), beside each model's downstream gap (predicted − ground truth): a network
+    that misses the label-carrying mode cannot match the PDM downstream whatever its RMSE. Empty for
+    results made before ``label_r`` existed."""
     lines = []
     for fam, cells in stats_["cells"].items():
         models = [n for n in cells if n not in (MEAN_SHAPE, "ground-truth PDM")]
-        lab = [cells[n]["mode_correlation"].get("label_r_mean") for n in models]
-        if not models or any(v is None for v in lab):
+        lm = [cells[n]["mode_correlation"].get("label_mode") for n in models]
+        if not models or any(v is None or not v["mode"] for v in lm):
             continue
-        vals = [np.nan if v is None else v for v in lab[0]]
-        if not np.isfinite(vals).any():
-            continue
-        j = int(np.nanargmax(vals))
         gt = cells["ground-truth PDM"]
         parts = []
-        for n in models:
+        for n, info in zip(models, lm, strict=True):
             c = cells[n]
             gaps = [
                 f"{label} {c[m]['mean'] - gt[m]['mean']:+.2f}"
@@ -797,13 +822,23 @@ def _mode_reading(stats_: dict[str, Any]) -> list[str]:
                 if c.get(m) and gt.get(m)
             ]
             parts.append(
-                f"{n} r = {_f(c['mode_correlation']['pearson_mean'][j], 2)}"
-                + (f" (downstream gap {', '.join(gaps)})" if gaps else "")
+                f"{n} r = {_ci(_cell(info['pearson']), 2)}"
+                + (f" (downstream gap vs the ground-truth PDM: {', '.join(gaps)})" if gaps else "")
             )
-        var = cells[models[0]]["mode_correlation"]["variance_fraction_mean"][j]
+        info = lm[0]
+        modes = sorted(set(info["mode"]))
+        which = (
+            f"mode {modes[0]} in every seed"
+            if len(modes) == 1
+            else "modes "
+            + ", ".join(str(m) for m in info["mode"])
+            + " in seeds "
+            + ", ".join(str(x) for x in info["seeds"])
+        )
         lines.append(
-            f"- {fam}: the group label is carried most by PDM mode {j + 1} (|r| = {vals[j]:.2f} with the "
-            f"label, {100 * var:.1f} % of the variance); predicted vs true scores on that mode: "
+            f"- {fam}: the PDM mode most tied to the group label ({which}; |r| with the label "
+            f"{np.mean(info['label_r']):.2f}, {100 * np.mean(info['variance_fraction']):.1f} % of the variance, "
+            "means over seeds) is recovered by the networks with predicted-vs-true score r: "
             + "; ".join(parts)
             + "."
         )
