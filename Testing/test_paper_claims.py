@@ -262,3 +262,45 @@ def test_reused_seed_gets_the_label_association_from_disk(tmp_path):
     assert pc._add_label_association(done, seed_dir, "femur") is True
     assert done["models"]["base-l2"]["mode_correlation"] == fresh
     assert pc._add_label_association(done, seed_dir, "femur") is False  # already there
+
+
+def test_stage_validation_from_the_log_and_the_joint_stage_reading(tmp_path):
+    """Per-stage best validation RMSE read from train_log.jsonl (filled into older seeds on reuse),
+    and the reading that flags a TL joint stage that ended worse than the image-to-latent stage."""
+    pc = _module()
+    seed_dir = tmp_path / "atrium" / "seed0"
+    log = seed_dir / "model-tl-l2.work" / "training" / "train_log.jsonl"
+    log.parent.mkdir(parents=True)
+    recs = [("ae", 3.0), ("ae", 1.0), ("tflank", 4.0), ("tflank", 2.0), ("joint", 5.0), ("joint", 2.5)]
+    log.write_text("".join(json.dumps({"stage": st, "val_rmse_mm": v}) + "\n" for st, v in recs))
+    assert pc._stage_val(seed_dir / "model-tl-l2") == {"ae": 1.0, "tflank": 2.0, "joint": 2.5}
+    assert pc._stage_val(seed_dir / "model-base-l2") is None  # no log
+    done = {"models": {"tl-l2": {}}}
+    assert pc._add_stage_val(done, seed_dir) is True and pc._add_stage_val(done, seed_dir) is False
+    assert done["models"]["tl-l2"]["stage_best_val_rmse_mm"]["joint"] == 2.5
+
+    down = {"severity_auc": 0.9, "severity_pearson": None, "classifier_accuracy": 0.9}
+
+    def seed(s, joint):
+        m = {
+            "train_seconds": 1.0,
+            "rmse_mm": [1.0] * 3,
+            "surface_mean_mm": [1.0] * 3,
+            "downstream": down,
+            "mode_correlation": {"pearson": [0.9], "variance_fraction": [1.0]},
+            "stage_best_val_rmse_mm": {"ae": 1.0, "tflank": 2.0, "joint": joint},
+        }
+        return {"seed": s, "mean_shape": {"rmse_mm": [2.0] * 3}, "ground_truth": down, "models": {"tl-l2": m}}
+
+    args = pc.parse_args(["--n-boot", "200"])
+    st = pc.analyse({"atrium": [seed(0, 2.5), seed(1, 2.7), seed(2, 1.9)]}, args)
+    c = st["cells"]["atrium"]["tl-l2"]
+    assert c["joint_worse_than_tflank_seeds"] == 2 and c["stage_best_val_rmse_mm"]["joint"]["n"] == 3
+    (line,) = [x for x in pc._stage_reading(st) if x]
+    assert "2 of 3 seeds" in line and "2.00 → 2.37 mm" in line
+    assert any(
+        "image-to-latent (T-flank) 2.00" in x for x in pc._stage_lines(st["cells"]["atrium"], ["tl-l2"])
+    )
+    # a joint stage that helped on average: no such line
+    st = pc.analyse({"atrium": [seed(0, 1.5), seed(1, 1.6)]}, args)
+    assert not [x for x in pc._stage_reading(st) if x]

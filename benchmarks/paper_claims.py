@@ -212,6 +212,33 @@ def _cohort_arrays(coh: Any, family: str) -> dict[str, np.ndarray]:
     }
 
 
+def _stage_val(model_dir: Path) -> dict[str, float] | None:
+    """Each training stage's best validation RMSE (mm, the trainer's per-sample RMSE on its
+    validation pool) from the run's ``train_log.jsonl``, in stage order (Base: ``base``; TL:
+    ``ae``, ``tflank``, ``joint``); None when the log is gone."""
+    from DeepSSMLogic.pipeline import default_work_dir
+
+    log = default_work_dir(model_dir) / "training" / "train_log.jsonl"
+    if not log.is_file():
+        return None
+    best: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            best[rec["stage"]] = min(best.get(rec["stage"], np.inf), float(rec["val_rmse_mm"]))
+    return best or None
+
+
+def _add_stage_val(done: dict[str, Any], seed_dir: Path) -> bool:
+    """Fill ``stage_best_val_rmse_mm`` into models finished before it existed (from their logs)."""
+    added = False
+    for name, m in done["models"].items():
+        if "stage_best_val_rmse_mm" not in m:
+            m["stage_best_val_rmse_mm"] = _stage_val(seed_dir / f"model-{name}")
+            added = True
+    return added
+
+
 def _add_label_association(done: dict[str, Any], seed_dir: Path, family: str) -> bool:
     """Fill ``mode_correlation.label_r`` into a seed finished before it existed, from the cohort and
     the stored test predictions on disk (nothing is retrained); True when something was added."""
@@ -259,7 +286,7 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
             )
         if set(variants_for(family, args)) <= set(done["models"]):
             print(f"[{family} seed {seed}] reused {done_file}", flush=True)
-            if _add_label_association(done, seed_dir, family):
+            if _add_label_association(done, seed_dir, family) | _add_stage_val(done, seed_dir):
                 atomic_write_json(done_file, done)
             return done
     normal, label_col, sev_col = FAMILY_LABELS[family]
@@ -350,6 +377,7 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, out: Path) -> dic
             "mode_correlation": _mode_correlation(
                 gt_fit, gt_test, pred, arrays["gt_all"], arrays["abnormal_all"]
             ),
+            "stage_best_val_rmse_mm": _stage_val(model_dir),
         }
         print(
             f"[{family} seed {seed}] {name}: RMSE {np.mean(res['models'][name]['rmse_mm']):.3f} mm "
@@ -429,6 +457,16 @@ def analyse(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
                 "pearson_mean": [float(np.nanmean(corr[:, j])) for j in range(corr.shape[1])],
                 "variance_fraction_mean": [float(var[:, j].mean()) for j in range(var.shape[1])],
             }
+            if all(m.get("stage_best_val_rmse_mm") for m in ms):
+                stages = list(ms[0]["stage_best_val_rmse_mm"])
+                c["stage_best_val_rmse_mm"] = {
+                    st: _cell([m["stage_best_val_rmse_mm"].get(st) for m in ms]) for st in stages
+                }
+                if {"tflank", "joint"} <= set(stages):
+                    c["joint_worse_than_tflank_seeds"] = sum(
+                        m["stage_best_val_rmse_mm"]["joint"] > m["stage_best_val_rmse_mm"]["tflank"]
+                        for m in ms
+                    )
             if all("label_r" in m["mode_correlation"] for m in ms):
                 lab = np.array(
                     [[np.nan if r is None else r for r in m["mode_correlation"]["label_r"]] for m in ms],
@@ -579,6 +617,7 @@ def write_markdown(doc: dict[str, Any]) -> str:
         *_incomplete_reading(doc),
         *_sanity_reading(stats_),
         *_mode_reading(stats_),
+        *_stage_reading(stats_),
         "How the verdicts are made (and the tests that pin the rules down):",
         "",
         "- *Difference claims* (TL vs Base, focal vs L2, model vs mean shape): paired over the same test "
@@ -707,6 +746,7 @@ def write_markdown(doc: dict[str, Any]) -> str:
                     + " | ".join(_f(r, 2) for r in cells[n]["mode_correlation"]["pearson_mean"])
                     + " |"
                 )
+        out += _stage_lines(cells, models)
         out += _group_table(doc["results"].get(fam, []), models, int(cfg["permutations"]))
         comps = [c for c in stats_["comparisons"] if c["family"] == fam]
         out += [
@@ -842,6 +882,51 @@ def _mode_reading(stats_: dict[str, Any]) -> list[str]:
             + "; ".join(parts)
             + "."
         )
+    return [*lines, ""] if lines else []
+
+
+STAGE_NAMES = {"base": "Base", "ae": "autoencoder", "tflank": "image-to-latent (T-flank)", "joint": "joint"}
+
+
+def _stage_lines(cells: dict[str, Any], models: list[str]) -> list[str]:
+    """Each model's best validation RMSE per training stage (mean [95 % CI] over seeds)."""
+    rows = [n for n in models if cells[n].get("stage_best_val_rmse_mm")]
+    if not rows:
+        return []
+    return [
+        "",
+        "Best validation RMSE per training stage (mm; the trainer's per-sample RMSE on its validation "
+        "pool, real and augmented; mean [95 % CI] over seeds). The model kept is the last stage's best.",
+        "",
+        *[
+            f"- {n}: "
+            + "; ".join(
+                f"{STAGE_NAMES.get(st, st)} {_ci(c, 2)}"
+                for st, c in cells[n]["stage_best_val_rmse_mm"].items()
+            )
+            for n in rows
+        ],
+    ]
+
+
+def _stage_reading(stats_: dict[str, Any]) -> list[str]:
+    """A line per TL model whose joint stage ended worse than its image-to-latent stage on average:
+    the TL model compared with Base is the joint stage's."""
+    lines = []
+    for fam, cells in stats_["cells"].items():
+        for n, c in cells.items():
+            sv = c.get("stage_best_val_rmse_mm") if isinstance(c, dict) else None
+            if not sv or not {"tflank", "joint"} <= set(sv):
+                continue
+            tf, jo = sv["tflank"], sv["joint"]
+            if jo["mean"] > tf["mean"]:
+                lines.append(
+                    f"- {fam}, {n}: the joint stage (the paper's third TL step, both parts trained together at lr 0.001) "
+                    f"made the TL model worse than after its image-to-latent stage in "
+                    f"{c['joint_worse_than_tflank_seeds']} of {tf['n']} seeds (best validation RMSE "
+                    f"{tf['mean']:.2f} → {jo['mean']:.2f} mm, means over seeds); the TL model compared with "
+                    "Base is the joint stage's, so TL is compared after a stage that hurt it at this budget."
+                )
     return [*lines, ""] if lines else []
 
 
