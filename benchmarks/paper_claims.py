@@ -811,8 +811,8 @@ def _sanity_reading(stats_: dict[str, Any]) -> list[str]:
         tail = (
             " — not established for "
             + ", ".join(c["claim"].split(" more accurate")[0] for c in missed)
-            + ": the claims that involve those models compare near-mean predictions and cannot be "
-            "settled here."
+            + ": a claim that involves those models rests on a model not shown to beat the mean shape "
+            "at this budget."
         )
     else:
         tail = "."
