@@ -116,6 +116,11 @@ def test_verdicts_follow_the_tests_on_constructed_results(tmp_path):
     text = md.read_text()
     assert "**atrium: TL-DeepSSM more accurate than Base (l2 loss; paper §5.3)**: **established**" in text
     assert "Testing/test_stats.py" in text and "(constructed)" in text
+    # a claim not established says how large an effect its interval still allows
+    focal_line = next(x for x in text.splitlines() if x.startswith("- **femur: focal loss"))
+    assert "leaves room for B better by up to" in focal_line
+    tl_line = next(x for x in text.splitlines() if x.startswith("- **atrium: TL-DeepSSM"))
+    assert "leaves room" not in tl_line  # established: no such clause
     assert text == pc.write_markdown(json.loads((tmp_path / "r.json").read_text()))
 
 

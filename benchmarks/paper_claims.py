@@ -578,6 +578,11 @@ def _claim_line(cl: dict[str, Any]) -> str:
             f"{100 * t['b_better_fraction']:.0f} % of {t['n']} pairs; per-seed differences "
             + ", ".join(f"{d:+.3f}" for d in t["per_seed_mean_diff"])
         )
+        if cl["verdict"] == "not established" and t["ci_lo"] < 0 < t["ci_hi"] and t["mean_a"] > 0:
+            detail += (
+                f"; the interval leaves room for B better by up to {-t['ci_lo']:.3f} mm "
+                f"({100 * -t['ci_lo'] / t['mean_a']:.0f} % of A's RMSE) or worse by up to {t['ci_hi']:.3f} mm"
+            )
     else:
         detail = (
             f"ground truth {t['mean_a']:.3f} vs predicted {t['mean_b']:.3f}, difference {t['mean_diff']:+.3f}, "
