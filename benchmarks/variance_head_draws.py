@@ -32,7 +32,7 @@ for p in (REPO, REPO.parent):
 
 import uncertainty_study as us  # noqa: E402
 
-VARIANTS = ("grid-train", "native-train", "grid-trainval", "native-trainval")
+VARIANTS = ("product", "grid-train", "native-train", "grid-trainval", "native-trainval")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from DeepSSMLogic.predict import Predictor
     from DeepSSMLogic.preprocess import resample_to_grid
     from DeepSSMLogic.variance_head import (
+        DEFAULT_HEADS,
         decoder_jacobian,
         features_and_prediction,
         fit_heads,
+        fit_variance_head,
         particle_uncertainty,
         true_descriptors,
     )
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="an uncertainty_study.py --out folder")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--heads", type=int, default=DEFAULT_HEADS, help="MLPs per head (product: one draw each)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--corruptions", type=int, default=12)
     a = p.parse_args(argv)
@@ -108,23 +111,40 @@ def main(argv: list[str] | None = None) -> int:
         return torch.cat(feats), torch.from_numpy(residuals)
 
     print(f"ρ subject over {len(held)} held-out images, {a.corruptions} corruptions per subject")
-    print("| head training images | " + " | ".join(f"seed {s}" for s in a.seeds) + " |")
-    print("|---|" + "---|" * len(a.seeds))
+    print("| head training images | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean ± SD |")
+    print("|---|" + "---|" * (len(a.seeds) + 1))
     t0 = time.perf_counter()
+
+    def fit_one(variant: str, subjects: list[Any], seed: int) -> Any:
+        if variant == "product":  # fit_variance_head itself: every MLP on its own corruption draw
+            grids = [
+                resample_to_grid(sitk.Cast(io.read_image(s.image), sitk.sitkFloat32), grid) for s in subjects
+            ]
+            truths = np.array([subject_particles(s) for s in subjects])
+            return fit_variance_head(
+                net, np.stack(grids), truths, norm, grid.spacing[::-1], corruptions=a.corruptions, seed=seed,
+                heads=a.heads,
+            )[0]  # fmt: skip
+        where = variant.split("-")[0]
+        feats, residuals = training_set(subjects, where == "native", seed)
+        return fit_heads(feats, residuals, seed=seed, heads=a.heads)[0]
+
     for variant in a.variants:
-        where, who = variant.split("-")
+        who = "train" if variant == "product" else variant.split("-")[1]
         subjects = cohort.by_split("train") + (cohort.by_split("val") if who == "trainval" else [])
         rhos = []
         for seed in a.seeds:
-            feats, residuals = training_set(subjects, where == "native", seed)
-            head, _ = fit_heads(feats, residuals, seed=seed)
+            head = fit_one(variant, subjects, seed)
             with torch.no_grad():
                 u = particle_uncertainty(
                     decoder_jacobian(net, held_desc), torch.exp(head(held_feats))
                 ).numpy()
             rhos.append(us.spearman(u.mean(1), rmse))
+        how = "each MLP on its own draw" if variant == "product" else "one draw shared by the MLPs"
         print(
-            f"| {len(subjects)} subjects, {variant} | " + " | ".join(f"{r:.3f}" for r in rhos) + " |",
+            f"| {len(subjects)} subjects, {variant}, {a.heads} MLPs, {how} | "
+            + " | ".join(f"{r:.3f}" for r in rhos)
+            + f" | {np.mean(rhos):.3f} ± {np.std(rhos):.3f} |",
             flush=True,
         )
     print(f"total {time.perf_counter() - t0:.0f} s")
