@@ -1,17 +1,20 @@
 """How much the ``variance`` method's per-subject ρ depends on the head's training draw (issue 13).
 
 A diagnostic on the held-out set of an ``uncertainty_study.py --out DIR`` run, *not* a way to choose
-settings: it takes that run's frozen ``none`` network (``DIR/model-none``) and refits the product's
-variance head (``variance_head.fit_heads``, default settings) on corrupted copies
-(``augment.corruption.random_corruption``) of the cohort's training subjects, for several corruption
-seeds and four training-set variants: the corruption applied on the reference grid (as the product
-does) or at the images' own resolution and then resampled (as the earlier probe did), on the training
-subjects only (the product) or the training + validation subjects (the probe). Prints ρ subject
-(Spearman, per-image mean predicted uncertainty vs per-image RMSE over the study's 80 held-out images,
-the study's definition; the scale factor does not change a rank correlation).
+settings: it takes that run's frozen ``none`` network (``DIR/model-none``) and refits the variance
+head for several seeds. Variant ``product`` is ``variance_head.fit_variance_head`` itself (every MLP
+on its own corruption draw of the training subjects, on the grid); the others fit
+``variance_head.fit_heads`` with one corruption draw shared by the MLPs (the fit before the draw
+study), corrupted on the reference grid or at the images' own resolution and then resampled (as the
+earlier probe did), on the training subjects only or the training + validation subjects. Prints
+ρ subject (Spearman, per-image mean predicted uncertainty vs per-image RMSE over the study's 80
+held-out images, the study's definition; the scale factor does not change a rank correlation), its
+mean and SD over the seeds, and two oracles that bound what an image-quality signal can reach: ρ of
+the true mean RMSE per corruption condition, and of each subject's clean-image RMSE.
 
-    python benchmarks/variance_head_draws.py --out /tmp/i13v/full                    # ~5 min, 2 cores
-    python benchmarks/variance_head_draws.py --out /tmp/i13v/full --variants grid-train --corruptions 36
+    python benchmarks/variance_head_draws.py --out /tmp/i13v/full --variants product --seeds 0 1 2 3 4 5
+    python benchmarks/variance_head_draws.py --out /tmp/i13v/full --variants grid-train --heads 3 \
+        --seeds 0 1 2 3 4 5                                     # the fit before: 3 MLPs, one shared draw
 """
 
 from __future__ import annotations
@@ -110,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         residuals = np.concatenate(descs) - true_descriptors(net, np.array(truths))
         return torch.cat(feats), torch.from_numpy(residuals)
 
+    # what the per-image error is made of: ρ of two oracles that know the answer per condition (the
+    # mean RMSE of each corruption kind and level) or per subject (its clean image's RMSE)
+    cond = [f"{h['kind']}{h['level']}" for h in held]
+    by_cond = {c: np.mean([e for e, k in zip(rmse, cond, strict=True) if k == c]) for c in set(cond)}
+    clean = {h["id"]: e for h, e in zip(held, rmse, strict=True) if h["kind"] == "clean"}
+    print(
+        f"oracles: ρ(condition's mean RMSE) {us.spearman([by_cond[c] for c in cond], rmse):.3f}, "
+        f"ρ(subject's clean RMSE) {us.spearman([clean[h['id']] for h in held], rmse):.3f}"
+    )
     print(f"ρ subject over {len(held)} held-out images, {a.corruptions} corruptions per subject")
     print("| head training images | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean ± SD |")
     print("|---|" + "---|" * (len(a.seeds) + 1))
