@@ -305,16 +305,18 @@ def fit_heads(
                 f"{tuple(x.shape)} and {tuple(r.shape)}"
             )
     sets = list(zip(xs, rs, strict=True)) if per_head else [(xs[0], rs[0])] * int(heads)
+    pooled = torch.cat(xs)  # the standardisation: every distinct set once
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny full-batch steps: thread hand-offs cost more than they save (10x)
     try:
-        return _fit_heads(sets, hidden, steps, weight_decay, lr, seed)
+        return _fit_heads(sets, pooled, hidden, steps, weight_decay, lr, seed)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit_heads(
     sets: list[tuple[torch.Tensor, torch.Tensor]],
+    pooled: torch.Tensor,
     hidden: int,
     steps: int,
     weight_decay: float,
@@ -322,7 +324,6 @@ def _fit_heads(
     seed: int,
 ) -> tuple[VarianceHead, list[float]]:
     losses = []
-    pooled = torch.cat([x for x, _ in sets])
     with torch.random.fork_rng(devices=[]):  # seeded heads, the global RNG untouched
         head = VarianceHead(pooled.shape[1], sets[0][1].shape[1], hidden, len(sets))
         with torch.no_grad():

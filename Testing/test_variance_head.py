@@ -175,6 +175,14 @@ def test_each_mlp_is_fitted_on_its_own_set():
     assert abs(lv[0]) < 0.5 and abs(lv[1] - np.log(1e4)) < 0.5, lv
     with pytest.raises(InputError, match="one residual set per feature set"):
         fit_heads([x, x], [r0])
+    # the standardisation counts every distinct set once: one shared set gives its own mean and SD
+    # (what the fit before per-MLP sets gave), separate sets their pooled statistics
+    shared, _ = fit_heads(x, r0, steps=1, heads=3)
+    assert torch.equal(shared.feature_mean, x.mean(0)) and torch.equal(shared.feature_std, x.std(0) + 1e-6)
+    y = x + 1.0
+    split, _ = fit_heads([x, y], [r0, r1], steps=1)
+    assert torch.allclose(split.feature_mean, torch.cat([x, y]).mean(0))
+    assert torch.allclose(split.feature_std, torch.cat([x, y]).std(0) + 1e-6)
 
 
 def test_each_mlp_gets_its_own_corruption_draw_and_the_same_clean_images():
