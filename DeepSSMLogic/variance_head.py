@@ -247,7 +247,7 @@ def _head_training_sets(
     clean_f, clean_d = _features_of(
         net, [np.asarray(a, dtype=np.float32) for a in images], normalizer, batch_size, check_cancel
     )
-    kinds = {"clean": n * draws} | {k: 0 for k in RANDOM_LEVELS}
+    kinds = {"clean": n} | {k: 0 for k in RANDOM_LEVELS}  # distinct images through the network
     sets = []
     for draw in range(draws):
         rng = np.random.default_rng([seed, draw])
@@ -392,7 +392,7 @@ def fit_variance_head(
         )
     head, losses = fit_heads(feats, [torch.from_numpy(r) for r in residuals], seed=seed, **head_options)
     summary = {
-        "n_images": sum(len(r) for r in residuals),
+        "n_images": sum(kinds.values()),  # distinct images (the clean ones are in every MLP's set)
         "n_subjects": len(images),
         "corruptions_per_subject": corruptions,
         "corruption_draws": heads,  # one per MLP (since issue 13's draw study; before: one shared draw)

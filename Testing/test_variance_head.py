@@ -191,7 +191,7 @@ def test_each_mlp_gets_its_own_corruption_draw_and_the_same_clean_images():
     net, sm, grid, _, norm = _trained_like_net(0)
     images, _ = _phantom_set(grid, 3, sm)
     sets, kinds = _head_training_sets(net, images, norm, grid.spacing[::-1], 2, 3, 0, 4, lambda: None)
-    assert len(sets) == 3 and kinds["clean"] == 9 and sum(kinds.values()) == 27
+    assert len(sets) == 3 and kinds["clean"] == 3 and sum(kinds.values()) == 3 + 3 * 6
     for f, d, index in sets:
         assert f.shape[0] == d.shape[0] == 9 and index.tolist() == [0, 1, 2, 0, 0, 1, 1, 2, 2]
         assert torch.equal(f[:3], sets[0][0][:3])  # the clean images, shared
@@ -204,9 +204,9 @@ def test_each_mlp_gets_its_own_corruption_draw_and_the_same_clean_images():
 
 def test_variance_keeps_the_networks_particles_and_gives_finite_mm():
     net, spec, summary, *_ = _variance_net()
-    # 4 subjects, each clean + 2 corrupted, for each of the default 6 MLPs (one corruption draw each)
+    # 4 subjects, each clean once and 2 corrupted for each of the default 6 MLPs (one draw each)
     assert summary["corruption_draws"] == 6 and len(summary["final_nll"]) == 6
-    assert summary["n_images"] == 6 * 12 and summary["images_by_kind"]["clean"] == 6 * 4
+    assert summary["n_images"] == 4 + 6 * 8 and summary["images_by_kind"]["clean"] == 4
     assert sum(summary["images_by_kind"].values()) == summary["n_images"]
     x = torch.randn(2, 1, *tiny_bundle_parts(0, M)[2].shape_zyx)
     with torch.no_grad():
@@ -352,7 +352,9 @@ def test_train_variance_then_predict_and_evaluate_end_to_end(tmp_path, capsys):
     meta = read_bundle_meta(tmp_path / "var")
     assert meta["uncertainty"]["method"] == "variance" and meta["uncertainty"]["head"]["n_features"] == 64
     vh = meta["training_summary"]["variance_head"]
-    assert vh["n_images"] == 3 * meta["training_summary"]["n_train_subjects"]
+    # each training image clean once, and 2 corrupted copies for each of the 6 MLPs' draws
+    assert vh["corruption_draws"] == 6
+    assert vh["n_images"] == (1 + 6 * 2) * meta["training_summary"]["n_train_subjects"]
     img = sorted((csv.parent / "images").glob("*.nrrd"))[0]
     rc = main(["predict", str(tmp_path / "var"), str(img), "--out", str(tmp_path / "p"), "--mesh", "--no-align",
                "--quiet", "--uncertainty"])  # fmt: skip
