@@ -743,16 +743,16 @@ def _fit_variance_head(
     cancel: CancelToken | None,
 ) -> tuple[Any, dict[str, Any]]:
     """The ``variance`` stage: fit the variance head on the frozen trained ``net`` from the real
-    training arrays, each clean and ``opts.variance_corruptions`` times corrupted
-    (``variance_head.fit_variance_head``), attach it to ``net`` and return the spec with its config
+    training arrays, each clean and, for each of the head's MLPs, ``opts.variance_corruptions`` times
+    corrupted (``variance_head.fit_variance_head``), attach it to ``net`` and return the spec with its config
     and the stage's summary. The network's particles (hence its accuracy) do not change."""
     import dataclasses
     import time
 
-    from .variance_head import attach_variance_head, fit_variance_head
+    from .variance_head import DEFAULT_HEADS, attach_variance_head, fit_variance_head
 
     t0 = time.perf_counter()
-    n = len(arrays.images) * (opts.variance_corruptions + 1)
+    n = len(arrays.images) * (1 + DEFAULT_HEADS * opts.variance_corruptions)
     progress(ProgressEvent("variance-head", 0, n, "fitting the variance head on corrupted training images"))
     head, summary = fit_variance_head(
         net,

@@ -14,7 +14,10 @@ small head maps the network's image features to a log-variance per descriptor co
   huge but finite uncertainty; NaN stays NaN (``NonFiniteUncertaintyError`` downstream).
 * **Fit** (:func:`fit_variance_head`, after training): on the real training images on the grid,
   each clean and ``corruptions`` times corrupted (``augment.corruption.random_corruption``: noise,
-  blur or a cut field of view at a random level), with targets the descriptor residuals
+  blur or a cut field of view at a random level), **each MLP on its own corruption draw** (the clean
+  images shared): averaging the variances of heads that saw different random corruptions removes
+  most of the draw-to-draw noise that one shared draw left in the per-image ranking (BENCHMARKS.md,
+  uncertainty: ρ subject over draws ±0.05 with 3 MLPs on one draw, ±0.01 with 6 on six), with targets the descriptor residuals
   ``d_pred − d_true`` (``d_true``: Base, the least-squares PCA scores of the true particles; TL, the
   autoencoder's code of them); Gaussian negative log-likelihood with the mean fixed,
   ``½ (r² e^{−s} + s)``, full-batch Adam.
@@ -46,7 +49,7 @@ from .errors import InputError
 
 HEAD_ATTRIBUTE = "variance_head"
 DEFAULT_HIDDEN = 32
-DEFAULT_HEADS = 3
+DEFAULT_HEADS = 6  # one corruption draw each: the draw-to-draw spread of ρ subject ±0.05 → ±0.01
 DEFAULT_CORRUPTIONS = 12
 DEFAULT_STEPS = 500
 DEFAULT_WEIGHT_DECAY = 1e-2
@@ -201,55 +204,72 @@ def true_descriptors(net: nn.Module, particles: np.ndarray) -> np.ndarray:
     return code.double().cpu().numpy()
 
 
-def _head_training_set(
+def _features_of(
     net: nn.Module,
-    images: np.ndarray,
+    arrays: Sequence[np.ndarray],
     normalizer: Callable[[np.ndarray], np.ndarray],
-    spacing_zyx: Sequence[float],
-    corruptions: int,
-    seed: int,
     batch_size: int,
     check_cancel: Callable[[], None],
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray, dict[str, int]]:
-    """``(features (N', F), predicted descriptors (N', K), subject index (N',), kinds)`` over every
-    training image, clean and ``corruptions`` times corrupted (corrupted in raw intensities on the
-    grid, then normalised like a prediction input)."""
-    rng = np.random.default_rng(seed)
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``(features (N, F), predicted descriptors (N, K))`` of the raw grid ``arrays`` (normalised
+    like a prediction input) through the frozen ``net``, ``batch_size`` at a time."""
     device = next(net.parameters()).device
     feats: list[torch.Tensor] = []
     descs: list[np.ndarray] = []
-    index: list[int] = []
-    kinds = {"clean": 0} | {k: 0 for k in RANDOM_LEVELS}
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
+    for start in range(0, len(arrays), batch_size):
+        check_cancel()
+        batch = arrays[start : start + batch_size]
         x = torch.from_numpy(np.stack([normalizer(a) for a in batch])[:, None].astype(np.float32)).to(device)
         with torch.no_grad():
             f, d, _ = features_and_prediction(net, x)
         feats.append(f.cpu())
         descs.append(d.double().cpu().numpy())
-        batch.clear()
+    return torch.cat(feats), np.concatenate(descs)
 
-    for i, img in enumerate(images):
-        check_cancel()
-        for c in range(corruptions + 1):
-            if c == 0:
-                arr, kind = np.asarray(img, dtype=np.float32), "clean"
-            else:
+
+def _head_training_sets(
+    net: nn.Module,
+    images: np.ndarray,
+    normalizer: Callable[[np.ndarray], np.ndarray],
+    spacing_zyx: Sequence[float],
+    corruptions: int,
+    draws: int,
+    seed: int,
+    batch_size: int,
+    check_cancel: Callable[[], None],
+) -> tuple[list[tuple[torch.Tensor, np.ndarray, np.ndarray]], dict[str, int]]:
+    """One training set per head: ``[(features (N', F), predicted descriptors (N', K), subject
+    index (N',))] × draws`` and the image count by kind. Each set holds every training image clean
+    (the same in every set, computed once) and ``corruptions`` times corrupted, drawn by
+    ``random_corruption`` from its own generator ``default_rng([seed, draw])`` (corrupted in raw
+    intensities on the grid, then normalised like a prediction input)."""
+    n = len(images)
+    clean_f, clean_d = _features_of(
+        net, [np.asarray(a, dtype=np.float32) for a in images], normalizer, batch_size, check_cancel
+    )
+    kinds = {"clean": n} | {k: 0 for k in RANDOM_LEVELS}  # distinct images through the network
+    sets = []
+    for draw in range(draws):
+        rng = np.random.default_rng([seed, draw])
+        arrays: list[np.ndarray] = []
+        for img in images:
+            check_cancel()
+            for _ in range(corruptions):
                 arr, kind, _ = random_corruption(img, spacing_zyx, rng)
-            kinds[kind] += 1
-            batch.append(arr)
-            index.append(i)
-            if len(batch) == batch_size:
-                flush()
-    if batch:
-        flush()
-    return torch.cat(feats), np.concatenate(descs), np.asarray(index), kinds
+                kinds[kind] += 1
+                arrays.append(arr)
+        index = np.concatenate([np.arange(n), np.repeat(np.arange(n), corruptions)])
+        if arrays:
+            f, d = _features_of(net, arrays, normalizer, batch_size, check_cancel)
+            sets.append((torch.cat([clean_f, f]), np.concatenate([clean_d, d]), index))
+        else:
+            sets.append((clean_f, clean_d, index))
+    return sets, kinds
 
 
 def fit_heads(
-    features: torch.Tensor,
-    residuals: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
+    residuals: torch.Tensor | Sequence[torch.Tensor],
     *,
     hidden: int = DEFAULT_HIDDEN,
     heads: int = DEFAULT_HEADS,
@@ -260,27 +280,44 @@ def fit_heads(
 ) -> tuple[VarianceHead, list[float]]:
     """A :class:`VarianceHead` fitted to ``residuals`` ``(N, K)`` from ``features`` ``(N, F)`` by the
     Gaussian NLL (mean fixed at 0), each MLP ``steps`` full-batch Adam steps from seed ``seed + h``;
-    returns it (eval mode, CPU) and each MLP's final NLL."""
-    x = features.float().cpu()
-    r = residuals.float().cpu()
-    if x.ndim != 2 or r.ndim != 2 or x.shape[0] != r.shape[0] or x.shape[0] < 2:
+    returns it (eval mode, CPU) and each MLP's final NLL.
+
+    ``features`` and ``residuals`` may also be sequences of one training set per MLP (``heads`` is
+    then their length): MLP ``h`` is fitted on set ``h`` only, the standardisation on all of them
+    (:func:`fit_variance_head` gives each MLP its own corruption draw)."""
+    per_head = not isinstance(features, torch.Tensor)
+    xs = [f.float().cpu() for f in features] if per_head else [features.float().cpu()]
+    rs = [r.float().cpu() for r in residuals] if per_head else [residuals.float().cpu()]  # type: ignore[union-attr]
+    if not xs or len(xs) != len(rs):
         raise InputError(
-            f"variance head: expected features (N, F) and residuals (N, K) with N ≥ 2, found "
-            f"{tuple(x.shape)} and {tuple(r.shape)}"
+            f"variance head: expected one residual set per feature set (≥ 1), found {len(xs)} and {len(rs)}"
         )
+    for x, r in zip(xs, rs, strict=True):
+        if (
+            x.ndim != 2
+            or r.ndim != 2
+            or x.shape[0] != r.shape[0]
+            or x.shape[0] < 2
+            or x.shape[1] != xs[0].shape[1]
+        ):
+            raise InputError(
+                f"variance head: expected features (N, F) and residuals (N, K) with N ≥ 2, found "
+                f"{tuple(x.shape)} and {tuple(r.shape)}"
+            )
+    sets = list(zip(xs, rs, strict=True)) if per_head else [(xs[0], rs[0])] * int(heads)
+    pooled = torch.cat(xs)  # the standardisation: every distinct set once
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny full-batch steps: thread hand-offs cost more than they save (10x)
     try:
-        return _fit_heads(x, r, hidden, heads, steps, weight_decay, lr, seed)
+        return _fit_heads(sets, pooled, hidden, steps, weight_decay, lr, seed)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit_heads(
-    x: torch.Tensor,
-    r: torch.Tensor,
+    sets: list[tuple[torch.Tensor, torch.Tensor]],
+    pooled: torch.Tensor,
     hidden: int,
-    heads: int,
     steps: int,
     weight_decay: float,
     lr: float,
@@ -288,12 +325,12 @@ def _fit_heads(
 ) -> tuple[VarianceHead, list[float]]:
     losses = []
     with torch.random.fork_rng(devices=[]):  # seeded heads, the global RNG untouched
-        head = VarianceHead(x.shape[1], r.shape[1], hidden, heads)
+        head = VarianceHead(pooled.shape[1], sets[0][1].shape[1], hidden, len(sets))
         with torch.no_grad():
-            head.feature_mean.copy_(x.mean(0))
-            head.feature_std.copy_(x.std(0) + 1e-6)
-        xn = head.standardise(x)
-        for h, mlp in enumerate(head.heads):
+            head.feature_mean.copy_(pooled.mean(0))
+            head.feature_std.copy_(pooled.std(0) + 1e-6)
+        for h, (mlp, (x, r)) in enumerate(zip(head.heads, sets, strict=True)):
+            xn = head.standardise(x)
             torch.manual_seed(seed + h)
             for layer in mlp:  # re-initialise from this head's seed (construction used the global RNG)
                 if hasattr(layer, "reset_parameters"):
@@ -333,28 +370,36 @@ def fit_variance_head(
             f"variance head: expected ≥ 2 training images with particles, found {len(images)} images and "
             f"{len(particles)} particle sets"
         )
+    heads = head_options.pop("heads", DEFAULT_HEADS)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise InputError(f"variance head heads: expected an integer ≥ 1, found {heads!r}")
     was_training = net.training
     net.eval()
     try:
-        feats, pred, index, kinds = _head_training_set(
-            net, images, normalizer, spacing_zyx, corruptions, seed, batch_size, check_cancel
+        sets, kinds = _head_training_sets(
+            net, images, normalizer, spacing_zyx, corruptions, heads, seed, batch_size, check_cancel
         )
-        residuals = pred - true_descriptors(net, particles)[index]
+        truth = true_descriptors(net, particles)
+        feats = [f for f, _, _ in sets]
+        residuals = [pred - truth[index] for _, pred, index in sets]
     finally:
         net.train(was_training)
-    if not np.all(np.isfinite(residuals)) or not bool(torch.isfinite(feats).all()):
+    if not all(np.all(np.isfinite(r)) for r in residuals) or not all(
+        bool(torch.isfinite(f).all()) for f in feats
+    ):
         raise InputError(
             "variance head: the network gave NaN or Inf features or descriptors on the training images"
         )
-    head, losses = fit_heads(feats, torch.from_numpy(residuals), seed=seed, **head_options)
+    head, losses = fit_heads(feats, [torch.from_numpy(r) for r in residuals], seed=seed, **head_options)
     summary = {
-        "n_images": len(index),
+        "n_images": sum(kinds.values()),  # distinct images (the clean ones are in every MLP's set)
         "n_subjects": len(images),
         "corruptions_per_subject": corruptions,
+        "corruption_draws": heads,  # one per MLP (since issue 13's draw study; before: one shared draw)
         "images_by_kind": kinds,
         "random_levels": dict(RANDOM_LEVELS),
         "features": FEATURES[0],
         "final_nll": losses,
-        "residual_rms": float(np.sqrt((residuals**2).mean())),
+        "residual_rms": float(np.sqrt(np.mean([(r**2).mean() for r in residuals]))),
     }
     return head, summary

@@ -162,9 +162,52 @@ def test_the_head_learns_an_input_dependent_variance():
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_each_mlp_is_fitted_on_its_own_set():
+    # set 0: residual SD 1, set 1: residual SD 100, same features: MLP h must predict its own set's
+    # variance (log σ² ≈ 0 and ≈ log 1e4); fitting every MLP on one set would give both the same
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=g)
+    r0, r1 = torch.randn(300, 2, generator=g), 100.0 * torch.randn(300, 2, generator=g)
+    head, losses = fit_heads([x, x], [r0, r1], steps=300)
+    assert head.n_heads == 2 and len(losses) == 2
+    with torch.no_grad():
+        lv = [mlp(head.standardise(x)).mean().item() for mlp in head.heads]
+    assert abs(lv[0]) < 0.5 and abs(lv[1] - np.log(1e4)) < 0.5, lv
+    with pytest.raises(InputError, match="one residual set per feature set"):
+        fit_heads([x, x], [r0])
+    # the standardisation counts every distinct set once: one shared set gives its own mean and SD
+    # (what the fit before per-MLP sets gave), separate sets their pooled statistics
+    shared, _ = fit_heads(x, r0, steps=1, heads=3)
+    assert torch.equal(shared.feature_mean, x.mean(0)) and torch.equal(shared.feature_std, x.std(0) + 1e-6)
+    y = x + 1.0
+    split, _ = fit_heads([x, y], [r0, r1], steps=1)
+    assert torch.allclose(split.feature_mean, torch.cat([x, y]).mean(0))
+    assert torch.allclose(split.feature_std, torch.cat([x, y]).std(0) + 1e-6)
+
+
+def test_each_mlp_gets_its_own_corruption_draw_and_the_same_clean_images():
+    from DeepSSMLogic.variance_head import _head_training_sets
+
+    net, sm, grid, _, norm = _trained_like_net(0)
+    images, _ = _phantom_set(grid, 3, sm)
+    sets, kinds = _head_training_sets(net, images, norm, grid.spacing[::-1], 2, 3, 0, 4, lambda: None)
+    assert len(sets) == 3 and kinds["clean"] == 3 and sum(kinds.values()) == 3 + 3 * 6
+    for f, d, index in sets:
+        assert f.shape[0] == d.shape[0] == 9 and index.tolist() == [0, 1, 2, 0, 0, 1, 1, 2, 2]
+        assert torch.equal(f[:3], sets[0][0][:3])  # the clean images, shared
+    for a in range(3):  # the corrupted copies differ from draw to draw
+        for b in range(a + 1, 3):
+            assert not torch.allclose(sets[a][0][3:], sets[b][0][3:])
+    again, _ = _head_training_sets(net, images, norm, grid.spacing[::-1], 2, 3, 0, 4, lambda: None)
+    assert all(torch.equal(s[0], t[0]) for s, t in zip(sets, again, strict=True))  # seeded
+
+
 def test_variance_keeps_the_networks_particles_and_gives_finite_mm():
     net, spec, summary, *_ = _variance_net()
-    assert summary["n_images"] == 12 and summary["images_by_kind"]["clean"] == 4
+    # 4 subjects, each clean once and 2 corrupted for each of the default 6 MLPs (one draw each)
+    assert summary["corruption_draws"] == 6 and len(summary["final_nll"]) == 6
+    assert summary["n_images"] == 4 + 6 * 8 and summary["images_by_kind"]["clean"] == 4
+    assert sum(summary["images_by_kind"].values()) == summary["n_images"]
     x = torch.randn(2, 1, *tiny_bundle_parts(0, M)[2].shape_zyx)
     with torch.no_grad():
         d, p, u = predict_with_uncertainty(net, x, spec)
@@ -214,7 +257,7 @@ def test_bundle_round_trip_and_prediction(variance_bundle, tmp_path):
         "n_features": 192,
         "n_outputs": 3,
         "hidden": 32,
-        "heads": 3,
+        "heads": 6,
     }
     b = load_bundle(variance_bundle)
     assert isinstance(b.network.variance_head, VarianceHead) and b.uncertainty.method == "variance"
@@ -309,7 +352,9 @@ def test_train_variance_then_predict_and_evaluate_end_to_end(tmp_path, capsys):
     meta = read_bundle_meta(tmp_path / "var")
     assert meta["uncertainty"]["method"] == "variance" and meta["uncertainty"]["head"]["n_features"] == 64
     vh = meta["training_summary"]["variance_head"]
-    assert vh["n_images"] == 3 * meta["training_summary"]["n_train_subjects"]
+    # each training image clean once, and 2 corrupted copies for each of the 6 MLPs' draws
+    assert vh["corruption_draws"] == 6
+    assert vh["n_images"] == (1 + 6 * 2) * meta["training_summary"]["n_train_subjects"]
     img = sorted((csv.parent / "images").glob("*.nrrd"))[0]
     rc = main(["predict", str(tmp_path / "var"), str(img), "--out", str(tmp_path / "p"), "--mesh", "--no-align",
                "--quiet", "--uncertainty"])  # fmt: skip

@@ -226,6 +226,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ("Testing/test_variance_head.py",),
         "a variance bundle loads without its head",
     ),
+    Mutant(
+        "variance-draws-shared",
+        "DeepSSMLogic/variance_head.py",
+        "rng = np.random.default_rng([seed, draw])",
+        "rng = np.random.default_rng(seed)",
+        ("Testing/test_variance_head.py",),
+        "the variance head's MLPs all see the same corruption draw (the draw noise is not averaged out)",
+    ),
+    Mutant(
+        "variance-heads-fit-first-set",
+        "DeepSSMLogic/variance_head.py",
+        "enumerate(zip(head.heads, sets, strict=True))",
+        "enumerate(zip(head.heads, [sets[0]] * len(sets), strict=True))",
+        ("Testing/test_variance_head.py",),
+        "every MLP of the variance head is fitted on the first MLP's training set",
+    ),
 )
 
 
