@@ -438,7 +438,8 @@ def _entry_cap(name: str, meta: dict[str, Any]) -> int:
     if name == WEIGHTS:
         unc = meta.get("uncertainty") or {}
         members = int(unc.get("members", 1)) if unc.get("method") == "ensemble" else 1
-        return members * _weights_cap(meta["architecture"])
+        head = _variance_head_cap(unc.get("head")) if unc.get("method") == "variance" else 0
+        return members * _weights_cap(meta["architecture"]) + head
     return caps[name]
 
 
@@ -455,6 +456,18 @@ def _weights_cap(architecture: dict[str, Any]) -> int:
     except Exception:  # a malformed architecture is reported with its field when the network is built
         return 4 << 30
     return int(sum(t.numel() * t.element_size() for t in state.values()) * 1.1) + (1 << 20)
+
+
+def _variance_head_cap(config: Any) -> int:
+    """The variance head's state_dict bytes (float32) plus 10 % (``model.json`` is schema-checked
+    before this, so ``config`` is a valid head config)."""
+    import torch
+
+    from .variance_head import VarianceHead
+
+    with torch.device("meta"):
+        state = VarianceHead.from_config(dict(config)).state_dict()
+    return int(sum(t.numel() * 4 for t in state.values()) * 1.1)
 
 
 def _extract_zip(path: Path, meta: dict[str, Any]) -> Path:

@@ -21,8 +21,11 @@ DESCRIPTOR_KINDS = ("pca", "latent")
 VARIANTS = ("base", "tl")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PCA_ARRAYS = ("mean", "components", "eigenvalues", "score_mean", "score_std")
-UNCERTAINTY_METHODS = ("none", "mc-dropout", "ensemble")  # issue 13; see uncertainty.py
-UNCERTAINTY_VERSION = 1
+UNCERTAINTY_METHODS = ("none", "mc-dropout", "ensemble", "variance")  # issue 13; see uncertainty.py
+UNCERTAINTY_VERSION = 2  # 2: method "variance" (its "head" object); other methods still write 1
+UNCERTAINTY_VERSION_V1 = 1
+VARIANCE_FEATURES = ("conv-mean",)  # variance_head.FEATURES
+VARIANCE_HEAD_LIMITS = {"n_features": 100_000, "n_outputs": 100_000, "hidden": 4096, "heads": 32}
 OOD_VERSION = 1
 OOD_COMPONENTS = ("descriptor_mahalanobis", "uncertainty_mm", "intensity", "registration")
 OOD_FEATURES = 9  # ood.FEATURE_NAMES
@@ -194,6 +197,35 @@ def _validate_uncertainty(f: _Fields, unc: Any) -> None:
         f.integer(f.get(unc, "uncertainty.samples", "samples"), "uncertainty.samples", 2, 1000)
     if method == "ensemble":
         f.integer(f.get(unc, "uncertainty.members", "members"), "uncertainty.members", 2, 32)
+    if method == "variance":
+        _validate_variance_head(f, unc)
+
+
+def variance_head_problems(head: Any) -> list[tuple[str, str, Any]]:
+    """``(field, expected, found)`` for each problem of a variance head config (``uncertainty.head``,
+    ``variance_head.VarianceHead.config``); also used by ``UncertaintySpec.validate``."""
+    if not isinstance(head, dict):
+        return [("head", "an object", head)]
+    problems: list[tuple[str, str, Any]] = []
+    unknown = sorted(set(head) - {"features", *VARIANCE_HEAD_LIMITS})
+    if unknown:
+        problems.append(("head", f"only the fields {['features', *VARIANCE_HEAD_LIMITS]}", unknown))
+    if head.get("features") not in VARIANCE_FEATURES:
+        problems.append(("head.features", f"one of {list(VARIANCE_FEATURES)}", head.get("features")))
+    for key, high in VARIANCE_HEAD_LIMITS.items():
+        v = head.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+            problems.append((f"head.{key}", f"an integer in 1..{high}", v))
+    return problems
+
+
+def _validate_variance_head(f: _Fields, unc: dict[str, Any]) -> None:
+    """``uncertainty.head`` of method "variance" (uncertainty version 2): the head's shape."""
+    if unc["version"] < 2:
+        f.fail("uncertainty.version", "2 or later for method 'variance'", unc["version"])
+    f.get(unc, "uncertainty.head", "head")
+    for field, expected, found in variance_head_problems(unc["head"])[:1]:
+        f.fail(f"uncertainty.{field}", expected, found)
 
 
 def _validate_ood(f: _Fields, cal: Any) -> None:

@@ -283,11 +283,13 @@ class TrainingOptions:
     # that would land in the training targets.
     align: bool = False
     extra: dict[str, Any] | None = None  # further TrainConfig fields (e.g. lr, patience, ae_epochs)
-    # per-particle uncertainty (issue 13): "none" (the paper networks), "mc-dropout", "ensemble"
+    # per-particle uncertainty (issue 13): "none" (the paper networks), "mc-dropout", "ensemble",
+    # "variance" (a predicted-variance head fitted after training on the frozen network)
     uncertainty: str = "none"
     ensemble_size: int = 3
     mc_dropout: float = 0.2
     mc_samples: int = 30
+    variance_corruptions: int = 12  # corrupted copies of each training image the variance head sees
     # "float16": the image encoder's large tensors stored as float16 when that moves no predicted
     # particle of the reference image by more than 0.01 mm (bundle.half_precision_weights); loaded as float32
     bundle_weights: str = "float16"
@@ -644,6 +646,10 @@ def train_model(
         bundle_sm.score_mean = single.score_mean.detach().cpu().double().numpy()
         bundle_sm.score_std = single.score_std.detach().cpu().double().numpy()
     summary["training_images_aligned"] = opts.align
+    if spec.method == "variance":
+        spec, summary["variance_head"] = _fit_variance_head(
+            net, spec, arrays, normalizer, opts, progress, cancel
+        )
     calibration = _calibrate(net, spec, val_set, normalizer, reference, bundle_sm, arrays.images)
     summary["calibration"] = calibration.summary
     template = template_mesh_for(train_subjects, mesh_particles, shape_model.mean, arrays.particles)
@@ -676,6 +682,9 @@ def uncertainty_spec(opts: TrainingOptions) -> Any:
         method=opts.uncertainty, dropout=opts.mc_dropout, samples=opts.mc_samples, members=opts.ensemble_size
     )
     spec.validate("--uncertainty options")
+    n = opts.variance_corruptions
+    if spec.method == "variance" and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000):
+        raise InputError(f"--variance-corruptions: expected an integer in 0..1000, found {n!r}")
     return spec
 
 
@@ -724,6 +733,43 @@ def _train_networks(
     first.seconds = sum(r.seconds for r in results)
     first.history = [h | {"member": k} for k, r in enumerate(results) for h in r.history]
     return first
+
+
+def _fit_variance_head(
+    net: Any,
+    spec: Any,
+    arrays: TrainingArrays,
+    normalizer: Any,
+    opts: TrainingOptions,
+    progress: ProgressCallback,
+    cancel: CancelToken | None,
+) -> tuple[Any, dict[str, Any]]:
+    """The ``variance`` stage: fit the variance head on the frozen trained ``net`` from the real
+    training arrays, each clean and, for each of the head's MLPs, ``opts.variance_corruptions`` times
+    corrupted (``variance_head.fit_variance_head``), attach it to ``net`` and return the spec with its config
+    and the stage's summary. The network's particles (hence its accuracy) do not change."""
+    import dataclasses
+    import time
+
+    from .variance_head import DEFAULT_HEADS, attach_variance_head, fit_variance_head
+
+    t0 = time.perf_counter()
+    n = len(arrays.images) * (1 + DEFAULT_HEADS * opts.variance_corruptions)
+    progress(ProgressEvent("variance-head", 0, n, "fitting the variance head on corrupted training images"))
+    head, summary = fit_variance_head(
+        net,
+        arrays.images,
+        arrays.particles,
+        normalizer,
+        arrays.grid.spacing[::-1],
+        corruptions=opts.variance_corruptions,
+        seed=opts.seed,
+        check_cancel=cancel.check if cancel is not None else (lambda: None),
+    )
+    attach_variance_head(net, head.to(next(net.parameters()).device))
+    summary["seconds"] = time.perf_counter() - t0
+    progress(ProgressEvent("variance-head", n, n, "variance head fitted"))
+    return dataclasses.replace(spec, head=head.config), summary
 
 
 def _calibrate(

@@ -621,7 +621,7 @@ class Predictor:
             raise InputError(
                 f"{self.bundle.path}: this model has no per-particle uncertainty (it was trained with "
                 "--uncertainty none or before uncertainty existed); retrain it with --uncertainty "
-                "mc-dropout or ensemble, or predict without asking for uncertainty"
+                "variance, mc-dropout or ensemble, or predict without asking for uncertainty"
             )
         self.ood_calibration = self.bundle.ood_calibration
         self._reference_x = self.normalizer(sitk.GetArrayFromImage(self._reference))

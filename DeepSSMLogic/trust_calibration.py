@@ -7,7 +7,6 @@ uncertainty scale (``uncertainty.UncertaintySpec.scale``) and the OOD calibratio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from . import ood
+from .rank_correlation import spearman
 from .uncertainty import UncertaintySpec, predict_with_uncertainty
 
 
@@ -23,14 +23,6 @@ class CalibrationResult:
     spec: UncertaintySpec  # with the fitted scale
     ood: ood.OODCalibration | None  # None when the validation split has fewer than 2 samples
     summary: dict[str, Any]
-
-
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    from scipy.stats import spearmanr
-
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    return float(spearmanr(a, b).statistic)
 
 
 @torch.no_grad()
@@ -94,6 +86,6 @@ def calibrate_model(
         summary |= {
             "uncertainty_scale": float(scale),
             "val_mean_uncertainty_mm": float(np.mean(mean_u)),
-            "val_spearman_subject": _spearman(mean_u, rmse),
+            "val_spearman_subject": spearman(mean_u, rmse)["rho"],
         }
     return CalibrationResult(fitted, cal, summary)

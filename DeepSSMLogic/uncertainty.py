@@ -1,4 +1,5 @@
-"""Per-particle predictive uncertainty (issue 13): MC dropout in the FC head, or a deep ensemble.
+"""Per-particle predictive uncertainty (issue 13): MC dropout in the FC head, a deep ensemble, or a
+predicted-variance head on the frozen network (``variance``; see ``variance_head.py``).
 
 torch/numpy only. The paper networks (``networks.BaseDeepSSM`` / ``TLDeepSSM``) are not changed:
 
@@ -9,8 +10,14 @@ torch/numpy only. The paper networks (``networks.BaseDeepSSM`` / ``TLDeepSSM``) 
 * ``ensemble``: ``members`` networks trained from different seeds on the same data, held by
   :class:`EnsembleDeepSSM` (state_dict keys ``members.<k>.…``); the particles are the members' mean.
 
+* ``variance``: the paper network unchanged plus a small head (``variance_head.*`` state_dict keys)
+  predicting a variance per descriptor coordinate, fitted after training on corrupted copies of the
+  training images; no sampling.
+
 The per-particle uncertainty is the RMS distance (mm) of the sampled particle positions from their
-mean, ``u_m = sqrt(mean_s |p_s,m − p̄_m|²)``, multiplied by ``scale``: a single factor fitted on the
+mean, ``u_m = sqrt(mean_s |p_s,m − p̄_m|²)`` (= ``sqrt`` of the trace of the particle's 3×3
+covariance; ``variance``: the trace of the covariance its descriptor variances give through the
+decoder's Jacobian), multiplied by ``scale``: a single factor fitted on the
 validation split at training time so that ``mean(u²) = mean(err²)`` there (the values then read as
 an expected per-particle error in mm; rank correlations do not depend on it).
 
@@ -30,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bundle_schema import UNCERTAINTY_METHODS as METHODS
-from .bundle_schema import UNCERTAINTY_VERSION
+from .bundle_schema import UNCERTAINTY_VERSION, UNCERTAINTY_VERSION_V1, variance_head_problems
 from .errors import DeepSSMError, InputError
 
 DEFAULT_DROPOUT = 0.2
@@ -40,7 +47,8 @@ _DROPOUT_FC_INDICES = (2, 4)  # ImageEncoder.fc: Linear, PReLU, [drop] Linear, P
 
 
 class NonFiniteUncertaintyError(DeepSSMError):
-    """The sampled particle positions gave a NaN or Inf spread (a damaged model or input)."""
+    """The per-particle uncertainty is NaN or Inf (sampled spread or predicted variance: a damaged
+    model or input)."""
 
 
 @dataclass
@@ -53,6 +61,7 @@ class UncertaintySpec:
     members: int = DEFAULT_MEMBERS
     scale: float = 1.0
     seed: int = 0  # the MC dropout masks at prediction (reproducible predictions)
+    head: dict[str, Any] | None = None  # variance: VarianceHead.config (rebuilds the head)
 
     @property
     def enabled(self) -> bool:
@@ -74,12 +83,20 @@ class UncertaintySpec:
             problems.append(f"members: expected an integer in 2..32, found {self.members!r}")
         if not (isinstance(self.scale, int | float) and math.isfinite(self.scale) and self.scale > 0):
             problems.append(f"scale: expected a finite number > 0, found {self.scale!r}")
+        if self.method == "variance" and self.head is not None:
+            problems += [f"{k}: expected {e}, found {v!r}" for k, e, v in variance_head_problems(self.head)]
         if problems:
             raise InputError(f"{where}: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"version": UNCERTAINTY_VERSION, "method": self.method}
-        if self.method == "mc-dropout":
+        # version 2 only where it is needed (variance), so other bundles stay readable by older releases
+        version = UNCERTAINTY_VERSION if self.method == "variance" else UNCERTAINTY_VERSION_V1
+        d: dict[str, Any] = {"version": version, "method": self.method}
+        if self.method == "variance":
+            if self.head is None:
+                raise InputError("uncertainty method 'variance': the head is not fitted (no head config)")
+            d["head"] = dict(self.head)
+        elif self.method == "mc-dropout":
             d |= {"dropout": float(self.dropout), "samples": int(self.samples), "seed": int(self.seed)}
         elif self.method == "ensemble":
             d |= {"members": int(self.members)}
@@ -102,12 +119,14 @@ class UncertaintySpec:
                 f"{where}.version {version} is newer than this software supports ({UNCERTAINTY_VERSION}); "
                 "update DeepSSM to use this bundle's uncertainty"
             )
-        known = {"version", "method", "dropout", "samples", "members", "scale", "seed"}
+        known = {"version", "method", "dropout", "samples", "members", "scale", "seed", "head"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise InputError(f"{where}: unknown field(s) {unknown}")
         spec = cls(**{k: v for k, v in d.items() if k != "version"})
         spec.validate(where)
+        if spec.method == "variance" and spec.head is None:
+            raise InputError(f"{where}: method 'variance' lacks the field 'head' (the variance head's shape)")
         return spec
 
 
@@ -214,6 +233,14 @@ def build_uncertain_network(architecture: dict[str, Any], spec: UncertaintySpec)
     net = build_network(dict(architecture))
     if spec.method == "mc-dropout":
         add_head_dropout(net, spec.dropout)
+    if spec.method == "variance":
+        from .variance_head import VarianceHead, attach_variance_head
+
+        if spec.head is None:
+            raise InputError(
+                "uncertainty method 'variance' needs the head config (model.json uncertainty.head)"
+            )
+        attach_variance_head(net, VarianceHead.from_config(spec.head))
     return net
 
 
@@ -250,12 +277,16 @@ def predict_with_uncertainty(
             _, sampled = decode_head_output(net, head.fc(reps))
         parts = sampled.float().reshape(spec.samples, x.shape[0], *sampled.shape[1:])
         spread = particle_spread(parts)
+    elif spec.method == "variance":
+        from .variance_head import predict_variance
+
+        desc, particles, spread = predict_variance(net, x)
     else:
         raise InputError("the model has no uncertainty (trained with --uncertainty none)")
     spread = spread * float(spec.scale)
     if not bool(torch.isfinite(spread).all()):
         raise NonFiniteUncertaintyError(
-            f"the {spec.method} samples gave a NaN or Inf per-particle uncertainty; the model bundle or the "
+            f"the {spec.method} method gave a NaN or Inf per-particle uncertainty; the model bundle or the "
             "input image is damaged (check the image values, retrain or restore the bundle)"
         )
     return desc, particles, spread

@@ -131,3 +131,32 @@ def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64, encoder: 
         ref_img,
         training_summary={"note": "untrained test bundle"},
     )
+
+
+def save_calibrated_bundle(path: Path, net, spec, val_set, train_images, parts) -> Path:
+    """``net`` with uncertainty ``spec`` calibrated on ``val_set`` (items ``(raw (1, Z, Y, X), particles)``)
+    by ``trust_calibration.calibrate_model`` and saved with its uncertainty and OOD calibration;
+    ``parts``: ``(shape_model, grid, reference image, normaliser)`` of :func:`tiny_bundle_parts`."""
+    from DeepSSMLogic.trust_calibration import calibrate_model
+
+    sm, grid, ref, norm = parts
+    cal = calibrate_model(
+        net,
+        spec,
+        val_set,
+        normalizer=norm,
+        reference=sitk.GetArrayFromImage(ref),
+        shape_model=sm,
+        train_images=train_images,
+    )
+    return save_bundle(
+        path,
+        net,
+        net.architecture,
+        grid,
+        norm,
+        sm,
+        ref,
+        uncertainty=cal.spec.to_dict(),
+        ood=cal.ood.to_dict(),
+    )

@@ -116,6 +116,11 @@ def test_verdicts_follow_the_tests_on_constructed_results(tmp_path):
     text = md.read_text()
     assert "**atrium: TL-DeepSSM more accurate than Base (l2 loss; paper §5.3)**: **established**" in text
     assert "Testing/test_stats.py" in text and "(constructed)" in text
+    # a claim not established says how large an effect its interval still allows
+    focal_line = next(x for x in text.splitlines() if x.startswith("- **femur: focal loss"))
+    assert "leaves room for B better by up to" in focal_line
+    tl_line = next(x for x in text.splitlines() if x.startswith("- **atrium: TL-DeepSSM"))
+    assert "leaves room" not in tl_line  # established: no such clause
     assert text == pc.write_markdown(json.loads((tmp_path / "r.json").read_text()))
 
 
@@ -156,3 +161,151 @@ def test_tiny_study_end_to_end(tmp_path):
     # ... but never a seed made with other settings
     with pytest.raises(SystemExit, match="epochs"):
         pc.main([*argv[: argv.index("--epochs")], "--epochs", "2", *argv[argv.index("--epochs") + 2 :]])
+
+
+def test_seed_major_order_runs_every_family_before_the_next_seed():
+    pc = _module()
+    fams = ["atrium", "femur", "cranium"]
+    assert pc.parse_args([]).order == "seed"
+    assert pc.run_order(fams, [0, 1], "seed") == [
+        ("atrium", 0), ("femur", 0), ("cranium", 0), ("atrium", 1), ("femur", 1), ("cranium", 1)
+    ]  # fmt: skip
+    assert pc.run_order(fams, [0, 1], "family")[:2] == [("atrium", 0), ("atrium", 1)]
+    # a run stopped after k jobs has every family within one seed of the others
+    jobs = pc.run_order(fams, list(range(5)), "seed")
+    for k in range(len(jobs)):
+        counts = [sum(f == fam for f, _ in jobs[:k]) for fam in fams]
+        assert max(counts) - min(counts) <= 1
+
+
+def test_label_association_finds_the_mode_that_carries_the_group_and_the_model_that_misses_it():
+    """The group is carried by the PDM's second mode; a 'network' that predicts the first mode only
+    has r ≈ 1 there and ≈ 0 on mode 2, and the report names mode 2 and that r."""
+    pc = _module()
+    rng = np.random.default_rng(1)
+    n, m = 40, 20
+    d1, d2 = np.zeros((m, 3)), np.zeros((m, 3))
+    d1[:, 0], d2[:10, 1] = 1.0, 1.0
+    a1, a2 = 5.0 * rng.standard_normal(n), 2.0 * rng.standard_normal(n)
+    f1, f2 = a1[:28] - a1[:28].mean(), a2[:28] - a2[:28].mean()
+    a2[:28] -= f1 * (f1 @ f2) / (f1 @ f1)  # uncorrelated in the fit subjects: the PDM's modes are d1, d2
+    shapes = a1[:, None, None] * d1 + a2[:, None, None] * d2 + 0.05 * rng.standard_normal((n, m, 3))
+    abnormal = (a2 > 0).astype(float)
+    pred = a1[28:, None, None] * d1 + 0.05 * rng.standard_normal((n - 28, m, 3))  # misses mode 2
+    mc = pc._mode_correlation(shapes[:28], shapes[28:], pred, shapes, abnormal)
+    assert int(np.argmax(mc["label_r"][:2])) == 1 and mc["label_r"][1] > max(0.6, mc["label_r"][0] + 0.3)
+    assert mc["pearson"][0] > 0.95 and abs(mc["pearson"][1]) < 0.7
+    # without labels: the old fields only (seeds stored before label_r keep their report)
+    assert "label_r" not in pc._mode_correlation(shapes[:28], shapes[28:], pred)
+
+    down = {"severity_auc": 0.9, "severity_pearson": None, "classifier_accuracy": 0.9}
+
+    def seed(s, mode_corr):
+        return {
+            "seed": s,
+            "mean_shape": {"rmse_mm": [2.0] * 3},
+            "ground_truth": down,
+            "models": {
+                "base-l2": {
+                    "train_seconds": 1.0,
+                    "rmse_mm": [1.0] * 3,
+                    "surface_mean_mm": [1.0] * 3,
+                    "downstream": down | {"classifier_accuracy": 0.6},
+                    "mode_correlation": mode_corr,
+                }
+            },
+        }
+
+    args = pc.parse_args(["--n-boot", "200"])
+    cells = pc.analyse({"femur": [seed(0, mc), seed(1, mc)]}, args)["cells"]
+    assert cells["femur"]["base-l2"]["mode_correlation"]["label_r_mean"][1] == pytest.approx(mc["label_r"][1])
+    (line,) = [x for x in pc._mode_reading({"cells": cells}) if x]
+    assert (
+        "mode 2 in every seed" in line and f"r = {mc['pearson'][1]:.2f}" in line and "accuracy -0.30" in line
+    )
+    # PDM modes are per seed: where another seed's label sits on mode 1, that seed's r is mode 1's
+    swapped = mc | {"label_r": [mc["label_r"][1], mc["label_r"][0], *mc["label_r"][2:]]}
+    cells = pc.analyse({"femur": [seed(0, mc), seed(1, swapped)]}, args)["cells"]
+    (line,) = [x for x in pc._mode_reading({"cells": cells}) if x]
+    assert "modes 2, 1 in seeds 0, 1" in line
+    assert f"r = {(mc['pearson'][1] + mc['pearson'][0]) / 2:.2f}" in line
+
+
+def test_reused_seed_gets_the_label_association_from_disk(tmp_path):
+    """A seed finished before label_r existed: the rerun fills it from the cohort and the stored test
+    predictions (nothing retrained), equal to computing it fresh."""
+    import SimpleITK as sitk
+
+    from DeepSSMLogic import io
+    from DeepSSMLogic.cohort import load_cohort
+
+    pc = _module()
+    seed_dir = tmp_path / "femur" / "seed0"
+    rng = np.random.default_rng(0)
+    base_shape = 20.0 * rng.standard_normal((32, 3))
+    rows = ["id,image,particles,group,split"]
+    for i in range(12):
+        sid, group = f"s{i:02d}", ("normal" if i % 2 else "cam")
+        shape = base_shape + rng.standard_normal((32, 3)) + (3.0 if group == "cam" else 0.0)
+        io.write_particles(seed_dir / "cohort" / f"{sid}.particles", shape)
+        sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkInt16), str(seed_dir / "cohort" / f"{sid}.nrrd"))
+        rows.append(f"{sid},{sid}.nrrd,{sid}.particles,{group},{'test' if i >= 8 else 'train'}")
+    (seed_dir / "cohort" / "cohort.csv").write_text("\n".join(rows) + "\n")
+    coh = load_cohort(seed_dir / "cohort" / "cohort.csv")
+    test = coh.by_split("test")
+    for s in test:
+        pts = io.read_particles(s.particles) + 0.3 * rng.standard_normal((32, 3))
+        io.write_particles(seed_dir / "eval-base-l2" / "predictions" / f"{s.id}.particles", pts)
+    arr = pc._cohort_arrays(coh, "femur")
+    assert arr["abnormal_all"].tolist() == [float(i % 2 == 0) for i in range(12)]
+    pred = np.stack(
+        [io.read_particles(seed_dir / "eval-base-l2" / "predictions" / f"{s.id}.particles") for s in test]
+    )
+    fresh = pc._mode_correlation(arr["gt_fit"], arr["gt_test"], pred, arr["gt_all"], arr["abnormal_all"])
+    old = {k: v for k, v in fresh.items() if k != "label_r"}
+    done = {"test_ids": [s.id for s in test], "models": {"base-l2": {"mode_correlation": dict(old)}}}
+    assert pc._add_label_association(done, seed_dir, "femur") is True
+    assert done["models"]["base-l2"]["mode_correlation"] == fresh
+    assert pc._add_label_association(done, seed_dir, "femur") is False  # already there
+
+
+def test_stage_validation_from_the_log_and_the_joint_stage_reading(tmp_path):
+    """Per-stage best validation RMSE read from train_log.jsonl (filled into older seeds on reuse),
+    and the reading that flags a TL joint stage that ended worse than the image-to-latent stage."""
+    pc = _module()
+    seed_dir = tmp_path / "atrium" / "seed0"
+    log = seed_dir / "model-tl-l2.work" / "training" / "train_log.jsonl"
+    log.parent.mkdir(parents=True)
+    recs = [("ae", 3.0), ("ae", 1.0), ("tflank", 4.0), ("tflank", 2.0), ("joint", 5.0), ("joint", 2.5)]
+    log.write_text("".join(json.dumps({"stage": st, "val_rmse_mm": v}) + "\n" for st, v in recs))
+    assert pc._stage_val(seed_dir / "model-tl-l2") == {"ae": 1.0, "tflank": 2.0, "joint": 2.5}
+    assert pc._stage_val(seed_dir / "model-base-l2") is None  # no log
+    done = {"models": {"tl-l2": {}}}
+    assert pc._add_stage_val(done, seed_dir) is True and pc._add_stage_val(done, seed_dir) is False
+    assert done["models"]["tl-l2"]["stage_best_val_rmse_mm"]["joint"] == 2.5
+
+    down = {"severity_auc": 0.9, "severity_pearson": None, "classifier_accuracy": 0.9}
+
+    def seed(s, joint):
+        m = {
+            "train_seconds": 1.0,
+            "rmse_mm": [1.0] * 3,
+            "surface_mean_mm": [1.0] * 3,
+            "downstream": down,
+            "mode_correlation": {"pearson": [0.9], "variance_fraction": [1.0]},
+            "stage_best_val_rmse_mm": {"ae": 1.0, "tflank": 2.0, "joint": joint},
+        }
+        return {"seed": s, "mean_shape": {"rmse_mm": [2.0] * 3}, "ground_truth": down, "models": {"tl-l2": m}}
+
+    args = pc.parse_args(["--n-boot", "200"])
+    st = pc.analyse({"atrium": [seed(0, 2.5), seed(1, 2.7), seed(2, 1.9)]}, args)
+    c = st["cells"]["atrium"]["tl-l2"]
+    assert c["joint_worse_than_tflank_seeds"] == 2 and c["stage_best_val_rmse_mm"]["joint"]["n"] == 3
+    (line,) = [x for x in pc._stage_reading(st) if x]
+    assert "2 of 3 seeds" in line and "2.00 → 2.37 mm" in line
+    assert any(
+        "image-to-latent (T-flank) 2.00" in x for x in pc._stage_lines(st["cells"]["atrium"], ["tl-l2"])
+    )
+    # a joint stage that helped on average: no such line
+    st = pc.analyse({"atrium": [seed(0, 1.5), seed(1, 1.6)]}, args)
+    assert not [x for x in pc._stage_reading(st) if x]

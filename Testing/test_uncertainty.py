@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers_predict import make_tiny_bundle, phantom_image, tiny_bundle_parts
+from helpers_predict import make_tiny_bundle, phantom_image, save_calibrated_bundle, tiny_bundle_parts
 
 from DeepSSMLogic import io
-from DeepSSMLogic.bundle import load_bundle, read_bundle_meta, save_bundle
+from DeepSSMLogic.bundle import load_bundle, read_bundle_meta
 from DeepSSMLogic.cli import main
 from DeepSSMLogic.errors import BundleError, InputError
 from DeepSSMLogic.ood import IntensityReference, OODCalibration, calibrate
@@ -60,26 +60,8 @@ def _bundle_with_uncertainty(path: Path, method: str) -> Path:
         net = _net(0, dropout=0.2)[0]
         spec = UncertaintySpec(method="mc-dropout", dropout=0.2, samples=30)
     _, sm, grid, ref, norm = tiny_bundle_parts(0, M)
-    cal = calibrate_model(
-        net,
-        spec,
-        _val_set(grid),
-        normalizer=norm,
-        reference=sitk.GetArrayFromImage(ref),
-        shape_model=sm,
-        train_images=np.stack([v[0][0] for v in _val_set(grid, 4)]),
-    )
-    return save_bundle(
-        path,
-        net,
-        net.architecture,
-        grid,
-        norm,
-        sm,
-        ref,
-        uncertainty=cal.spec.to_dict(),
-        ood=cal.ood.to_dict(),
-    )
+    train_images = np.stack([v[0][0] for v in _val_set(grid, 4)])
+    return save_calibrated_bundle(path, net, spec, _val_set(grid), train_images, (sm, grid, ref, norm))
 
 
 @pytest.fixture(scope="module", params=["mc-dropout", "ensemble"])

@@ -1,5 +1,5 @@
 """Uncertainty and OOD study (issue 13): the same cohort and data trained with ``--uncertainty``
-none / mc-dropout / ensemble, side by side.
+none / variance / ensemble / mc-dropout, side by side.
 
 One synthetic family (default femur) is generated with exact ground truth; every method trains with
 ``pipeline.train_model`` on the same arrays and augmented set (one work folder, ``restart``), with
@@ -19,9 +19,11 @@ Printed per method:
 * CPU prediction time per image (``Predictor.predict_many``, batch 8, warm) and the ratio to none
   (target ≤ 3×), total and forward-only.
 
-Ensemble member 0 has the same seed, data and configuration as the ``none`` network, so the ensemble
-run resumes none's finished checkpoint for it (members 1.. are trained); "train s" of the ensemble
-row therefore counts only the extra members.
+Ensemble member 0 and the ``variance`` network have the same seed, data and configuration as the
+``none`` network, so those runs resume none's finished checkpoint (the ensemble trains members 1..;
+variance fits its head on corrupted copies of the training images and calibrates); "train s" of
+those rows therefore counts only the extra work. The corruptions (held-out set here, head training
+in ``variance``) are one function, ``DeepSSMLogic.augment.corruption.corrupt_array``.
 
 Images are predicted as pre-aligned (``align=False``), as the demo does for synthetic images.
 
@@ -44,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-METHODS = ("none", "ensemble", "mc-dropout")
+METHODS = ("none", "variance", "ensemble", "mc-dropout")
+REUSES_NONE = ("variance", "ensemble")  # same first network as none: resume its finished checkpoint
 CORRUPTIONS = {
     "noise": (0.1, 0.3, 1.0),  # × intensity SD
     "blur": (1.5, 3.0, 6.0),  # mm
@@ -69,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder", default="light", choices=("light", "paper"))
     p.add_argument("--ensemble-size", type=int, default=3)
     p.add_argument("--mc-samples", type=int, default=30)
+    p.add_argument("--variance-corruptions", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--align", action="store_true", help="predict with registration (CLI default) instead")
@@ -79,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.quick:
         a.n_subjects, a.n_other, a.n_noise, a.image_size, a.particles = 12, 3, 3, 32, 64
         a.grid_spacing, a.augment, a.epochs, a.ensemble_size = 4.0, 6, 2, 2
+        a.variance_corruptions = 3
     return a
 
 
@@ -90,17 +95,14 @@ def spearman(a: Any, b: Any) -> float:
 
 
 def corrupt(image: Any, kind: str, level: float, rng: np.random.Generator) -> Any:
+    """``image`` (SimpleITK) corrupted by ``augment.corruption.corrupt_array`` (the function the
+    ``variance`` head is trained with), at the image's own spacing."""
     import SimpleITK as sitk
 
-    arr = sitk.GetArrayFromImage(image).astype(np.float32)
-    if kind == "noise":
-        arr = arr + rng.normal(0.0, level * float(arr.std()), arr.shape).astype(np.float32)
-    elif kind == "blur":
-        out = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), level)
-        arr = sitk.GetArrayFromImage(out)
-    elif kind == "fov":
-        nx = arr.shape[2]
-        arr[:, :, nx - round(level * nx) :] = float(arr.min())
+    from DeepSSMLogic.augment.corruption import corrupt_array
+
+    spacing_zyx = tuple(image.GetSpacing())[::-1]
+    arr = corrupt_array(sitk.GetArrayFromImage(image), kind, level, spacing_zyx, rng)
     new = sitk.GetImageFromArray(arr)
     new.CopyInformation(image)
     return new
@@ -215,6 +217,34 @@ def evaluate(bundle_path: Path, images: dict[str, Any], align: bool = False) -> 
     return res
 
 
+def target_lines(results: dict[str, Any]) -> list[str]:
+    """Issue 13's targets per method with uncertainty: met / NOT met with the number."""
+    base = results.get("none")
+    out = ["targets (issue 13):"]
+    for m, r in results.items():
+        if m == "none":
+            continue
+        checks = [
+            ("ρ subject ≥ 0.6", r.get("rho_subject"), lambda v: v >= 0.6),
+            ("ρ particle ≥ 0.3", r.get("rho_particle"), lambda v: v >= 0.3),
+            ("OOD clean ≤ 5 %", r["flag_clean"], lambda v: v <= 0.05),
+            ("OOD strong ≥ 95 %", r["flag_strong"], lambda v: v >= 0.95),
+            ("OOD pure noise ≥ 95 %", r["flag_noise"], lambda v: v >= 0.95),
+            ("OOD other anatomy ≥ 95 %", r["flag_other"], lambda v: v >= 0.95),
+        ]
+        if base:
+            checks += [
+                ("RMSE ≤ 1.05 × none", r["clean_rmse"] / base["clean_rmse"], lambda v: v <= 1.05),
+                ("time ≤ 3 × none", r["seconds_per_image"] / base["seconds_per_image"], lambda v: v <= 3.0),
+            ]
+        parts = [
+            f"{name}: {'—' if v is None else f'{v:.3f}'} {'n/a' if v is None else 'met' if ok(v) else 'NOT met'}"
+            for name, v, ok in checks
+        ]
+        out.append(f"- {m}: " + "; ".join(parts))
+    return out
+
+
 def fmt(v: Any, pct: bool = False) -> str:
     if v is None:
         return "—"
@@ -251,11 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     images = build_images(args, cohort_csv, other_csv)
     results: dict[str, Any] = {}
-    methods = [m for m in METHODS if m in args.methods]  # none first: the ensemble reuses it
+    methods = [m for m in METHODS if m in args.methods]  # none first: variance and the ensemble reuse it
     for method in methods:
-        # ensemble member 0 is the "none" network (same seed, data and configuration): when none was
-        # trained just before, the ensemble resumes its finished checkpoint instead of retraining it
-        reuse = method == "ensemble" and "none" in results
+        # the variance network and ensemble member 0 are the "none" network (same seed, data and
+        # configuration): when none was trained just before, they resume its finished checkpoint
+        reuse = method in REUSES_NONE and "none" in results
         opts = TrainingOptions(
             augment=args.augment,
             epochs=args.epochs,
@@ -268,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             uncertainty=method,
             ensemble_size=args.ensemble_size,
             mc_samples=args.mc_samples,
+            variance_corruptions=args.variance_corruptions,
         )
         t0 = time.perf_counter()
         bundle = out / f"model-{method}"
@@ -308,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt(r['flag_strong'], True)} ({sk}) | {fmt(r['flag_noise'], True)} | {fmt(r['flag_other'], True)} | "
             f"{r['seconds_per_image']:.3f}{tr} | {r['forward_per_image']:.4f}{fr} | {r['train_seconds']:.0f} |"
         )
+    lines += ["", *target_lines(results)]
     lines.append(f"\ntotal {time.perf_counter() - t_all:.0f} s")
     text = "\n".join(lines)
     print(text)

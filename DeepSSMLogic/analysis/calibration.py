@@ -4,7 +4,8 @@ actual error, and the out-of-distribution (OOD) flag rate, for ``deepssm evaluat
 Pure numpy/scipy on arrays the caller supplies; no files. Every value is JSON-ready: a correlation
 that is undefined (a constant sample, too few pairs) is ``None`` with a ``reason``, never NaN.
 
-- :func:`spearman`: rank correlation of two paired samples.
+- :func:`spearman`: rank correlation of two paired samples (``DeepSSMLogic.rank_correlation``, shared
+  with the training-time calibration).
 - :func:`reliability_bins`: predicted uncertainty in quantile bins, mean actual error per bin.
 - :func:`calibration_summary`: the ``"calibration"`` section of metrics.json.
 - :func:`ood_summary`: the ``"ood"`` section of metrics.json.
@@ -18,40 +19,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..rank_correlation import spearman
 
-MIN_PAIRS = 3
+__all__ = ["calibration_summary", "no_uncertainty", "ood_summary", "reliability_bins", "spearman"]
+
 ERROR_DEFINITION = "per-particle Euclidean distance |predicted - ground truth| (mm)"
-
-
-def spearman(a: Any, b: Any, what: tuple[str, str] = ("a", "b")) -> dict[str, Any]:
-    """Spearman's ρ (mid-ranks for ties) of two paired 1-D samples, as
-    ``{"rho", "p", "n", "reason"}``; ``rho``/``p`` are None, with ``reason`` saying why, when ρ is
-    undefined (fewer than 3 pairs, or a sample with one distinct value). ``what`` names the
-    samples in the reason. Raises InputError for unpaired or non-finite input."""
-    from scipy import stats
-
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise InputError(f"spearman: {what[0]} has {x.size} values, {what[1]} has {y.size}; they must pair")
-    for name, v in zip(what, (x, y), strict=True):
-        if not np.all(np.isfinite(v)):
-            raise InputError(f"spearman: {name} contains NaN or Inf ({int((~np.isfinite(v)).sum())} values)")
-    out: dict[str, Any] = {"rho": None, "p": None, "n": int(x.size), "reason": None}
-    if x.size < MIN_PAIRS:
-        out["reason"] = f"undefined: {x.size} pair(s), at least {MIN_PAIRS} needed"
-        return out
-    for name, v in zip(what, (x, y), strict=True):
-        if np.ptp(v) == 0:
-            out["reason"] = f"undefined: {name} is constant ({v[0]:.6g} for all {v.size})"
-            return out
-    r = stats.spearmanr(x, y)
-    rho, p = float(r[0]), float(r[1])
-    out["rho"] = rho if np.isfinite(rho) else None
-    out["p"] = p if np.isfinite(p) else None
-    if out["rho"] is None:  # pragma: no cover - excluded above; kept so NaN can never leak
-        out["reason"] = "undefined: scipy returned NaN"
-    return out
 
 
 def reliability_bins(predicted: Any, actual: Any, n_bins: int = 10) -> list[dict[str, float]]:

@@ -101,15 +101,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--uncertainty",
-        choices=("none", "mc-dropout", "ensemble"),
+        choices=("none", "mc-dropout", "ensemble", "variance"),
         default="none",
         help="per-particle uncertainty: none (the paper networks, default), mc-dropout (dropout in the FC "
-        "head, --mc-samples passes at prediction) or ensemble (--ensemble-size networks in the bundle, "
-        "that many times the training); see BENCHMARKS.md, uncertainty",
+        "head, --mc-samples passes at prediction), ensemble (--ensemble-size networks in the bundle, "
+        "that many times the training) or variance (the paper network unchanged plus a small head "
+        "predicting its error variance, fitted after training on --variance-corruptions corrupted "
+        "copies of each training image); see BENCHMARKS.md, uncertainty",
     )
     parser.add_argument("--ensemble-size", type=int, default=3, help="networks of an ensemble (default 3)")
     parser.add_argument("--mc-dropout", type=float, default=0.2, help="MC dropout rate (default 0.2)")
     parser.add_argument("--mc-samples", type=int, default=30, help="MC dropout passes (default 30)")
+    parser.add_argument(
+        "--variance-corruptions",
+        type=int,
+        default=12,
+        help="variance: corrupted copies (noise, blur or a cut field of view at random levels) of each "
+        "training image the variance head is fitted on (default 12)",
+    )
     parser.add_argument(
         "--bundle-weights",
         choices=("float16", "float32"),
@@ -213,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         ensemble_size=args.ensemble_size,
         mc_dropout=args.mc_dropout,
         mc_samples=args.mc_samples,
+        variance_corruptions=args.variance_corruptions,
         bundle_weights=args.bundle_weights,
     )
     with progress_bars(disable=args.quiet or not _is_rank0()) as report:
