@@ -126,8 +126,9 @@ class DeepSSMParameterNode:
     onlineAugmentation: bool = False
     variant: Annotated[str, Choice(["base", "tl"])] = "base"
     loss: Annotated[str, Choice(["l2", "focal"])] = "l2"
-    epochs: Annotated[int, WithinRange(1, 100000)] = 50
-    batchSize: Annotated[int, WithinRange(1, 4096)] = 4
+    # the CLI's defaults for the default encoder (light2): `--epochs auto` = 30, batch 8 (BENCHMARKS.md)
+    epochs: Annotated[int, WithinRange(1, 100000)] = 30
+    batchSize: Annotated[int, WithinRange(1, 4096)] = 8
     trainDevice: Annotated[str, Choice(DEVICES)] = "auto"
     # training: the shared cohort options of `deepssm train` (ShapeWorks projects); the combo boxes
     # are filled from these Choice annotations (Slicer's QComboBox connector), i.e. from the CLI

@@ -101,6 +101,25 @@ def default_voxel_budget(device: str) -> tuple[int, str]:
     return (CUDA_VOXEL_BUDGET if kind == "cuda" else CPU_VOXEL_BUDGET), kind
 
 
+# Base-DeepSSM epochs by encoder when none are given (issue 16): the paper network's 100; the light
+# encoders were measured against the converged paper network with a 30-epoch cosine schedule
+# (BENCHMARKS.md, time to accuracy: light2 reached the paper's accuracy by epoch 5-15 of 30 on every
+# family), and 100 epochs would triple a CPU training for no measured gain.
+DEFAULT_EPOCHS = {"paper": 100, "light": 30, "light2": 30}
+
+
+def resolve_epochs(epochs: int | str, encoder: str) -> tuple[int, str]:
+    """``(epochs, source)``: the given count, or the encoder's default for "auto"."""
+    if isinstance(epochs, str):
+        if epochs != "auto":
+            raise InputError(f"--epochs: expected a number ≥ 1 or 'auto', found {epochs!r}")
+        n = DEFAULT_EPOCHS.get(encoder, DEFAULT_EPOCHS["paper"])
+        return n, f"auto: the default for the {encoder} encoder"
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise InputError(f"--epochs: expected a number ≥ 1 or 'auto', found {epochs!r}")
+    return epochs, "given"
+
+
 def resolve_spacing(
     opts: TrainingOptions, particles: np.ndarray, first: Any, ids: Sequence[str] | None = None
 ) -> tuple[float | tuple[float, float, float], dict[str, Any]]:
@@ -260,7 +279,8 @@ class TrainingOptions:
     augment: int = 0
     augment_online: bool = False
     sampler: str = "kde"
-    epochs: int = 100
+    # Base epochs, or "auto": :data:`DEFAULT_EPOCHS` for the encoder (see :func:`resolve_epochs`)
+    epochs: int | str = "auto"
     batch_size: int = 8
     device: str = "auto"
     seed: int = 0
@@ -506,6 +526,7 @@ def train_model(
         raise InputError(f"--augment: expected a number ≥ 0, found {opts.augment}")
     if not 0.0 < opts.val_fraction < 0.9:
         raise InputError(f"validation fraction: expected a value in (0, 0.9), found {opts.val_fraction}")
+    epochs, epochs_source = resolve_epochs(opts.epochs, opts.encoder)
     rank, world, barrier, release_group = _distributed_context(opts.device)
 
     # -- geometry and arrays (in the cohort's training frame: ShapeWorks' world frame when it has one)
@@ -599,7 +620,7 @@ def train_model(
     fields.update(
         variant=opts.variant,
         loss=opts.loss,
-        epochs=opts.epochs,
+        epochs=epochs,
         batch_size=opts.batch_size,
         device=opts.device,
         seed=opts.seed,
@@ -628,6 +649,7 @@ def train_model(
         "excluded_subjects": list(cohort.excluded),
         "world_size": world,
         "grid": {**spacing_info, "spacing_mm": list(grid.spacing), "size": list(grid.size)},
+        "epochs": {"n": epochs, "source": epochs_source},
         # the whole run's peak (reading, augmentation, training); the trainer's own is in peak_memory
         "peak_rss_mb_total": peak_memory()["rss_mb"],
         "seconds_total": time.perf_counter() - t0,

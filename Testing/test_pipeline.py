@@ -124,3 +124,26 @@ def test_prepare_training_arrays_rejects_image_off_grid(tmp_path):
     grid = reference_grid(io.read_particles(a.particles)[None] + 500.0, 2.0)
     with pytest.raises(ValidationError, match="constant on the reference grid"):
         prepare_training_arrays([a], grid)
+
+
+def test_epochs_auto_resolves_per_encoder_and_a_given_count_wins():
+    """issue 16: without --epochs a light encoder trains 30 epochs, the paper network 100."""
+    from DeepSSMLogic.cli import build_parser
+    from DeepSSMLogic.pipeline import DEFAULT_EPOCHS, TrainingOptions, resolve_epochs
+
+    assert TrainingOptions().epochs == "auto"
+    assert resolve_epochs("auto", "light2") == (30, "auto: the default for the light2 encoder")
+    assert resolve_epochs("auto", "light")[0] == 30
+    assert resolve_epochs("auto", "paper")[0] == 100
+    assert resolve_epochs(7, "light2") == (7, "given")
+    assert set(DEFAULT_EPOCHS) >= {"paper", "light", "light2"}
+    for bad in (0, -3, "many", 2.5, True):
+        with pytest.raises(InputError, match="--epochs"):
+            resolve_epochs(bad, "light2")
+    parse = build_parser().parse_args
+    assert str(parse(["train", "c.csv", "--out", "m"]).epochs) == "auto"  # a project may replace it
+    assert parse(["train", "c.csv", "--out", "m", "--epochs", "12"]).epochs == 12
+    assert parse(["train", "c.csv", "--out", "m", "--epochs", "AUTO"]).epochs == "auto"
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit):
+            parse(["train", "c.csv", "--out", "m", "--epochs", bad])

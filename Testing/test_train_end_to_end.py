@@ -144,6 +144,7 @@ def test_train_model_with_alignment_on(tmp_path):
     events = []
     outcome = train_model(csv, tmp_path / "m", opts, progress=events.append)
     assert outcome.summary["training_images_aligned"] is True
+    assert outcome.summary["epochs"] == {"n": 1, "source": "given"}
     n_train = outcome.summary["n_train_subjects"]
     assert sum(e.stage == "align" for e in events) >= n_train  # every training subject was registered
     _assert_bundle_holds_the_best_weights(outcome.bundle, outcome.work_dir)

@@ -229,3 +229,12 @@ def test_train_path_writes_a_bundle_with_the_trained_weights(tmp_path):
     stored = torch.load(b._files_dir / "weights.pt", weights_only=True)  # float16 where the bundle chose it
     for k, v in b.network.state_dict().items():
         assert torch.equal(v, best[k].to(stored[k].dtype).to(v.dtype)), k
+
+
+def test_the_workers_training_defaults_are_the_clis_for_the_default_encoder():
+    """issue 16: the Slicer module trains light2 with the schedule it was measured with (30 epochs, batch 8)."""
+    from DeepSSMLogic.pipeline import TrainingOptions, resolve_epochs
+
+    args = worker.build_parser().parse_args(["train", "--cohort", "c.csv", "--out", "m"])
+    assert args.epochs == resolve_epochs("auto", TrainingOptions().encoder)[0] == 30
+    assert args.batch_size == TrainingOptions().batch_size == 8

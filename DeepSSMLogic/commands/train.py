@@ -65,7 +65,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="kde",
         help="augmentation sampler (default kde)",
     )
-    parser.add_argument("--epochs", type=int, default=100, help="training epochs (Base; TL: see --extra)")
+    parser.add_argument(
+        "--epochs",
+        type=_epochs,
+        default="auto",
+        help="Base training epochs, or auto (default): 30 for the light encoders, 100 for the paper "
+        "network (TL: see --extra)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     add_device_option(parser)
     parser.add_argument("--seed", type=int, default=0)
@@ -172,6 +178,20 @@ def spacing_arg(text: str) -> float | str | None:
     return mm
 
 
+def _epochs(text: str) -> int | str:
+    """``--epochs``: a whole number ≥ 1, or "auto" (the encoder's default)."""
+    value = text.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1 or 'auto', found {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1 or 'auto', found {text!r}")
+    return n
+
+
 def parse_extra(items: list[str]) -> dict[str, Any]:
     import json
 
@@ -234,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
             f"grid: {'x'.join(str(v) for v in s['grid']['size'])} voxels; {s['grid']['reason']}\n"
             f"best validation RMSE: {s.get('best_val_rmse_mm', float('nan')):.3f} mm "
             f"(epoch {s.get('best_epoch')}, {s.get('epochs_run')} epochs, {s.get('seconds_total', 0):.0f} s)\n"
+            f"epochs: {s['epochs']['n']} ({s['epochs']['source']})\n"
             f"peak memory: {_memory_text(s)}\n"
             f"intermediate files: {outcome.work_dir}"
         )
