@@ -94,3 +94,19 @@ def test_an_experimental_stack_is_registered_for_the_run_and_equals_its_shipped_
     networks.LIGHT_ENCODERS["x-pool"] = networks.LightSpec(pool=1)
     with pytest.raises(SystemExit, match="already names another stack"):
         tta.main(["--quick", "--out", str(tmp_path / "again"), "--configs", "light-pool"])
+
+
+def test_the_bf16_row_trains_with_cpu_bf16_autocast(tmp_path, monkeypatch):
+    """issue 16: `light2-bf16` is light2 with precision="bf16" (the idle bf16 measurement in BENCHMARKS.md)."""
+    from DeepSSMLogic import training
+
+    seen = []
+    real_train = training.train
+
+    def spy(config, *args, **kwargs):
+        seen.append((config.encoder, config.precision))
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    assert tta.main(["--quick", "--out", str(tmp_path / "tta"), "--configs", "light2", "light2-bf16"]) == 0
+    assert ("light2", "auto") in seen and ("light2", "bf16") in seen

@@ -61,6 +61,7 @@ class Candidate:
     weight_decay: float | None = None
     spec: Any = None  # a networks.LightSpec registered under ``encoder`` for this run (experiments)
     pool_size: int | None = None  # adaptive average pool before the FC layer (None: flatten)
+    precision: str | None = None  # TrainConfig.precision ("bf16": CPU autocast); None: its default
 
 
 def _spec(**kw: Any) -> Any:
@@ -74,6 +75,7 @@ CANDIDATES = {
     "light": Candidate("light", "light"),
     "light-x3": Candidate("light-x3", "light", 3),
     "light2": Candidate("light2", "light2"),  # = light-pool below, shipped under its own name
+    "light2-bf16": Candidate("light2-bf16", "light2", precision="bf16"),  # bf16 autocast on the CPU
     # optimiser variants of light
     "light-lr3e-4": Candidate("light-lr3e-4", "light", lr=3e-4),
     "light-wd1e-3": Candidate("light-wd1e-3", "light", weight_decay=1e-3),
@@ -263,7 +265,12 @@ def run_candidate(cand: Candidate, data: Prepared, work: Path, args: argparse.Na
             raise SystemExit(f"encoder {cand.encoder!r} already names another stack: {known}")
     padding = choose_conv_padding(data.grid, "auto", cand.encoder)
     epochs = args.paper_epochs if cand.name == "paper" else args.epochs * cand.epoch_factor
-    pairs = (("lr", cand.lr), ("weight_decay", cand.weight_decay), ("pool_size", cand.pool_size))
+    pairs = (
+        ("lr", cand.lr),
+        ("weight_decay", cand.weight_decay),
+        ("pool_size", cand.pool_size),
+        ("precision", cand.precision),
+    )
     overrides = {k: v for k, v in pairs if v is not None}
     config = TrainConfig(
         variant="base", epochs=epochs, batch_size=args.batch_size, seed=args.seed,
