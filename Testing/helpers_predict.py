@@ -135,20 +135,12 @@ def make_tiny_bundle(path: Path, seed: int = 0, n_particles: int = 64, encoder: 
 
 def save_calibrated_bundle(path: Path, net, spec, val_set, train_images, parts) -> Path:
     """``net`` with uncertainty ``spec`` calibrated on ``val_set`` (items ``(raw (1, Z, Y, X), particles)``)
-    by ``trust_calibration.calibrate_model`` and saved with its uncertainty and OOD calibration;
+    by the pipeline's calibration step and saved with its uncertainty and OOD calibration;
     ``parts``: ``(shape_model, grid, reference image, normaliser)`` of :func:`tiny_bundle_parts`."""
-    from DeepSSMLogic.trust_calibration import calibrate_model
+    from DeepSSMLogic.pipeline import _calibrate  # the pipeline's own calibration step
 
     sm, grid, ref, norm = parts
-    cal = calibrate_model(
-        net,
-        spec,
-        val_set,
-        normalizer=norm,
-        reference=sitk.GetArrayFromImage(ref),
-        shape_model=sm,
-        train_images=train_images,
-    )
+    cal = _calibrate(net, spec, val_set, norm, ref, sm, train_images)
     return save_bundle(
         path,
         net,
@@ -160,3 +152,22 @@ def save_calibrated_bundle(path: Path, net, spec, val_set, train_images, parts) 
         uncertainty=cal.spec.to_dict(),
         ood=cal.ood.to_dict(),
     )
+
+
+def predict_mesh_uncertainty(model: Path, image: Path, out: Path, *flags: str) -> tuple[dict, object]:
+    """``deepssm predict MODEL IMAGE --mesh --no-align`` into ``out``; checks the mesh carries one
+    ``uncertainty_mm`` value per point and returns ``(<stem>.json, mesh)``."""
+    import json
+
+    from DeepSSMLogic import io
+    from DeepSSMLogic.cli import main
+
+    rc = main(
+        ["predict", str(model), str(image), "--out", str(out), "--mesh", "--no-align", "--quiet", *flags]
+    )
+    assert rc == 0
+    stem = image.name[: -len(".nrrd")]
+    mesh = io.read_mesh(out / f"{stem}.vtk")
+    arr = mesh.GetPointData().GetArray("uncertainty_mm")
+    assert arr is not None and arr.GetNumberOfTuples() == mesh.GetNumberOfPoints()
+    return json.loads((out / f"{stem}.json").read_text()), mesh

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers_predict import make_tiny_bundle, phantom_image, save_calibrated_bundle, tiny_bundle_parts
+from helpers_predict import (
+    make_tiny_bundle,
+    phantom_image,
+    predict_mesh_uncertainty,
+    save_calibrated_bundle,
+    tiny_bundle_parts,
+)
 
 from DeepSSMLogic import io
 from DeepSSMLogic.bundle import load_bundle, read_bundle_meta
@@ -285,15 +291,7 @@ def test_train_mc_dropout_then_predict_mesh_end_to_end(tmp_path, capsys):
     assert meta["hyperparameters"]["train_config"]["head_dropout"] == 0.2
     assert meta["ood"]["threshold"] >= 3.0 and meta["training_summary"]["calibration"]["n_validation"] >= 2
     img = sorted((csv.parent / "images").glob("*.nrrd"))[0]
-    rc = main(
-        ["predict", str(model), str(img), "--out", str(tmp_path / "p"), "--mesh", "--no-align", "--quiet"]
-    )
-    assert rc == 0
-    stem = img.name[: -len(".nrrd")]
-    mesh = io.read_mesh(tmp_path / "p" / f"{stem}.vtk")
-    arr = mesh.GetPointData().GetArray("uncertainty_mm")
-    assert arr is not None and arr.GetNumberOfTuples() == mesh.GetNumberOfPoints()
-    doc = json.loads((tmp_path / "p" / f"{stem}.json").read_text())
+    doc, _mesh = predict_mesh_uncertainty(model, img, tmp_path / "p")
     assert len(doc["uncertainty"]["per_particle_mm"]) == 64 and doc["uncertainty"]["method"] == "mc-dropout"
 
     # the real bundle's uncertainty and OOD verdicts reach deepssm evaluate (not only fabricated ones)

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_predict import make_tiny_bundle, phantom_image, save_calibrated_bundle, tiny_bundle_parts
+from helpers_predict import (
+    make_tiny_bundle,
+    phantom_image,
+    predict_mesh_uncertainty,
+    save_calibrated_bundle,
+    tiny_bundle_parts,
+)
 
 from DeepSSMLogic import io
 from DeepSSMLogic.augment.corruption import corrupt_array, random_corruption
@@ -356,14 +362,7 @@ def test_train_variance_then_predict_and_evaluate_end_to_end(tmp_path, capsys):
     assert vh["corruption_draws"] == 6
     assert vh["n_images"] == (1 + 6 * 2) * meta["training_summary"]["n_train_subjects"]
     img = sorted((csv.parent / "images").glob("*.nrrd"))[0]
-    rc = main(["predict", str(tmp_path / "var"), str(img), "--out", str(tmp_path / "p"), "--mesh", "--no-align",
-               "--quiet", "--uncertainty"])  # fmt: skip
-    assert rc == 0
-    stem = img.name[: -len(".nrrd")]
-    mesh = io.read_mesh(tmp_path / "p" / f"{stem}.vtk")
-    arr = mesh.GetPointData().GetArray("uncertainty_mm")
-    assert arr is not None and arr.GetNumberOfTuples() == mesh.GetNumberOfPoints()
-    doc = json.loads((tmp_path / "p" / f"{stem}.json").read_text())
+    doc, _mesh = predict_mesh_uncertainty(tmp_path / "var", img, tmp_path / "p", "--uncertainty")
     assert doc["uncertainty"]["method"] == "variance" and len(doc["uncertainty"]["per_particle_mm"]) == 64
     base = Predictor(tmp_path / "none", device="cpu", align=False).predict(img)
     with_head = Predictor(tmp_path / "var", device="cpu", align=False).predict(img)
