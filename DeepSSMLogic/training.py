@@ -5,7 +5,9 @@
   autoencoder frozen, then joint training (λ1 = λ2 = 1), the last two with cosine annealing.
 * Validation on the caller's split under ``torch.no_grad`` and ``eval()``; the best epoch of each
   stage (lowest epoch mean of per-sample per-point Euclidean RMSE, mm) is restored at its end;
-  ``patience`` epochs without improvement stop the stage early.
+  ``patience`` epochs without improvement stop the stage early. TL's joint stage validates on the
+  same image → particles path as the T-flank and competes with it: when no joint epoch beats the
+  T-flank's best, the T-flank's weights are kept (``best_stage`` says which stage won).
 * Every epoch: a :class:`~DeepSSMLogic.progress.ProgressEvent` with metrics, ``train_log.jsonl``
   (one JSON object per epoch, rewritten atomically) and ``checkpoint.pt`` (atomic; tensors and
   plain containers only, so it loads with ``weights_only=True``). ``resume=True`` continues a
@@ -175,13 +177,14 @@ class TrainResult:
     architecture: dict[str, Any]
     config: TrainConfig
     history: list[dict[str, Any]]
-    best_epoch: int  # 1-based epoch of the last stage whose weights were kept
+    best_epoch: int  # 1-based epoch, within ``best_stage``, of the weights kept
     best_val_rmse_mm: float
     focal: dict[str, float | None]
     stopped_early: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
     peak_memory: dict[str, float | None] = field(default_factory=dict)  # see :func:`peak_memory`
     precision: dict[str, Any] = field(default_factory=dict)  # autocast used, CPU bf16 features found
+    best_stage: str = ""  # the stage those weights come from (TL: "joint", or "tflank" when it won)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary for ``model.json``."""
@@ -190,6 +193,7 @@ class TrainResult:
             "precision": self.precision,
             "config": self.config.to_dict(),
             "best_epoch": self.best_epoch,
+            "best_stage": self.best_stage,
             "best_val_rmse_mm": self.best_val_rmse_mm,
             "focal": self.focal,
             "stopped_early": self.stopped_early,
@@ -453,6 +457,8 @@ class _Stage:
     cosine: bool
     trainable: Callable[[nn.Module], list[nn.Parameter]]
     needs_images: bool
+    # fine-tunes the previous stage on the same validation metric: its start must be beaten
+    continues_previous: bool = False
 
 
 class _Step(nn.Module):
@@ -515,7 +521,7 @@ def _stages(config: TrainConfig) -> list[_Stage]:
             "ae", config.ae_epochs, config.ae_lr, False, lambda m: list(m.autoencoder.parameters()), False
         ),
         _Stage("tflank", config.tf_epochs, config.lr, True, lambda m: list(m.tflank.parameters()), True),
-        _Stage("joint", config.joint_epochs, config.lr, True, all_trainable, True),
+        _Stage("joint", config.joint_epochs, config.lr, True, all_trainable, True, continues_previous=True),
     ]
 
 
@@ -768,7 +774,7 @@ def _train(
     start_stage, start_epoch = 0, 0
     ckpt: dict[str, Any] | None = None  # the checkpoint to continue mid-stage from
     stopped_early: dict[str, bool] = {}
-    best_rmse, best_epoch = math.inf, 0
+    best_rmse, best_epoch, best_stage = math.inf, 0, ""
     ckpt_path = out_dir / CHECKPOINT_NAME
     dist.barrier()
     if resume and ckpt_path.exists():
@@ -789,6 +795,7 @@ def _train(
         focal = dict(ckpt["focal"])
         stopped_early = dict(ckpt["stopped_early"])
         best_rmse, best_epoch = float(ckpt["best_rmse"]), int(ckpt["best_epoch"])
+        best_stage = str(ckpt.get("best_stage", ckpt["stage_name"]))  # absent before the joint carry-over
         start_stage, start_epoch = int(ckpt["stage_index"]), int(ckpt["stage_epoch"])
         _set_rng_state(ckpt["rng"])
         if ckpt["stage_done"]:
@@ -811,8 +818,10 @@ def _train(
             if stage.cosine
             else None
         )
-        best_state = _state_copy(model)
-        best_rmse, best_epoch, bad_epochs = math.inf, 0, 0
+        best_state = _state_copy(model)  # the previous stage's best weights, restored at its end
+        if not stage.continues_previous:
+            best_rmse, best_epoch, best_stage = math.inf, 0, stage.name
+        bad_epochs = 0
         epoch0 = 0
         if ckpt is not None and si == start_stage:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -824,6 +833,7 @@ def _train(
                 int(ckpt["best_epoch"]),
                 int(ckpt["bad_epochs"]),
             )
+            best_stage = str(ckpt.get("best_stage", stage.name))
             epoch0 = start_epoch
         step: nn.Module = _Step(model, stage.name)
         if dist.active:
@@ -880,7 +890,7 @@ def _train(
             )
             improved = val_rmse < best_rmse
             if improved:
-                best_rmse, best_epoch, bad_epochs = val_rmse, epoch + 1, 0
+                best_rmse, best_epoch, best_stage, bad_epochs = val_rmse, epoch + 1, stage.name, 0
                 best_state = _state_copy(model)
             else:
                 bad_epochs += 1
@@ -916,6 +926,7 @@ def _train(
                     "best_state": best_state,
                     "best_rmse": best_rmse,
                     "best_epoch": best_epoch,
+                    "best_stage": best_stage,
                     "bad_epochs": bad_epochs,
                     "history": history,
                     "focal": focal,
@@ -949,6 +960,7 @@ def _train(
         config=config,
         history=history,
         best_epoch=best_epoch,
+        best_stage=best_stage,
         best_val_rmse_mm=best_rmse,
         focal=focal,
         stopped_early=stopped_early,

@@ -192,6 +192,37 @@ def test_tl_stages_order_lr_and_freezing(tmp_path):
     assert not _states_equal(part(s[4], tf), part(s[3], tf))
 
 
+def test_tl_joint_stage_keeps_the_t_flank_weights_when_it_never_beats_them(tmp_path, monkeypatch):
+    """The joint stage validates on the T-flank's image → particles path: if none of its epochs beats
+    the T-flank's best, the T-flank's weights are the model (the paper-claims study saw the joint stage
+    worsen TL on every seed; the trainer used to keep its best epoch regardless)."""
+    import dataclasses
+
+    from DeepSSMLogic import training
+
+    original = training._stages
+
+    def joint_lr_too_high(config):  # a joint stage that wrecks the model, so it cannot win
+        return [dataclasses.replace(st, lr=0.5) if st.name == "joint" else st for st in original(config)]
+
+    monkeypatch.setattr(training, "_stages", joint_lr_too_high)
+    after_tflank: list[dict] = []
+
+    def snap(event: ProgressEvent) -> None:
+        if event.metrics["stage"] == "tflank":
+            after_tflank[:] = [load_checkpoint(tmp_path / "checkpoint.pt")["model"]]
+
+    result = train(tiny_config(variant="tl"), sphere_set(8, 1), sphere_set(4, 2), tmp_path, progress=snap)
+    tflank = [h["val_rmse_mm"] for h in result.history if h["stage"] == "tflank"]
+    joint = [h["val_rmse_mm"] for h in result.history if h["stage"] == "joint"]
+    assert min(joint) > min(tflank)  # the set-up: the joint stage never beat the T-flank
+    assert result.best_val_rmse_mm == pytest.approx(min(tflank))
+    assert result.best_stage == "tflank" and result.best_epoch == tflank.index(min(tflank)) + 1
+    assert result.summary()["best_stage"] == "tflank"
+    assert not any(h["best"] for h in result.history if h["stage"] == "joint")
+    assert _states_equal(result.model.state_dict(), after_tflank[0])
+
+
 # -- resume ---------------------------------------------------------------------------------------
 
 

@@ -901,7 +901,8 @@ def _stage_lines(cells: dict[str, Any], models: list[str]) -> list[str]:
     return [
         "",
         "Best validation RMSE per training stage (mm; the trainer's per-sample RMSE on its validation "
-        "pool, real and augmented; mean [95 % CI] over seeds). The model kept is the last stage's best.",
+        "pool, real and augmented; mean [95 % CI] over seeds). The model kept is Base's best epoch; for TL, "
+        "the best of the image-to-latent and joint stages (the joint stage must beat the first).",
         "",
         *[
             f"- {n}: "
@@ -916,7 +917,7 @@ def _stage_lines(cells: dict[str, Any], models: list[str]) -> list[str]:
 
 def _stage_reading(stats_: dict[str, Any]) -> list[str]:
     """A line per TL model whose joint stage ended worse than its image-to-latent stage on average:
-    the TL model compared with Base is the joint stage's."""
+    the trainer then keeps the image-to-latent stage's weights, so TL is compared without a joint stage."""
     lines = []
     for fam, cells in stats_["cells"].items():
         for n, c in cells.items():
@@ -927,10 +928,10 @@ def _stage_reading(stats_: dict[str, Any]) -> list[str]:
             if jo["mean"] > tf["mean"]:
                 lines.append(
                     f"- {fam}, {n}: the joint stage (the paper's third TL step, both parts trained together at lr 0.001) "
-                    f"made the TL model worse than after its image-to-latent stage in "
+                    f"ended worse than the image-to-latent stage in "
                     f"{c['joint_worse_than_tflank_seeds']} of {tf['n']} seeds (best validation RMSE "
-                    f"{tf['mean']:.2f} → {jo['mean']:.2f} mm, means over seeds); the TL model compared with "
-                    "Base is the joint stage's, so TL is compared after a stage that hurt it at this budget."
+                    f"{tf['mean']:.2f} → {jo['mean']:.2f} mm, means over seeds); in those seeds the trainer keeps "
+                    "the image-to-latent weights, so TL is compared with Base without the joint stage's effect."
                 )
     return [*lines, ""] if lines else []
 

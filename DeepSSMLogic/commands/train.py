@@ -152,6 +152,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _best_epoch_text(summary: dict) -> str:
+    """``epoch 7`` (Base), ``tflank epoch 7`` (TL: the stage whose weights were kept)."""
+    stage = summary.get("best_stage")
+    prefix = f"{stage} " if stage and stage != "base" else ""
+    return f"{prefix}epoch {summary.get('best_epoch')}"
+
+
 def _memory_text(summary: dict[str, Any]) -> str:
     mem = summary.get("peak_memory") or {}
     text = (
@@ -253,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
             f"model: {outcome.bundle}\n"
             f"grid: {'x'.join(str(v) for v in s['grid']['size'])} voxels; {s['grid']['reason']}\n"
             f"best validation RMSE: {s.get('best_val_rmse_mm', float('nan')):.3f} mm "
-            f"(epoch {s.get('best_epoch')}, {s.get('epochs_run')} epochs, {s.get('seconds_total', 0):.0f} s)\n"
+            f"({_best_epoch_text(s)}, {s.get('epochs_run')} epochs, {s.get('seconds_total', 0):.0f} s)\n"
             f"epochs: {s['epochs']['n']} ({s['epochs']['source']})\n"
             f"peak memory: {_memory_text(s)}\n"
             f"intermediate files: {outcome.work_dir}"
