@@ -267,6 +267,10 @@ def test_reused_seed_gets_the_label_association_from_disk(tmp_path):
     assert pc._add_label_association(done, seed_dir, "femur") is True
     assert done["models"]["base-l2"]["mode_correlation"] == fresh
     assert pc._add_label_association(done, seed_dir, "femur") is False  # already there
+    done["ground_truth"] = {}
+    assert pc._add_point_dimension(done, seed_dir) is True  # 3-D noise on every point
+    assert done["ground_truth"]["point_variation_1d"] == 0.0
+    assert pc._add_point_dimension(done, seed_dir) is False
 
 
 def test_stage_validation_from_the_log_and_the_joint_stage_reading(tmp_path):
@@ -309,3 +313,30 @@ def test_stage_validation_from_the_log_and_the_joint_stage_reading(tmp_path):
     # a joint stage that helped on average: no such line
     st = pc.analyse({"atrium": [seed(0, 1.5), seed(1, 1.6)]}, args)
     assert not [x for x in pc._stage_reading(st) if x]
+
+
+def test_point_variation_dimension_explains_when_hotelling_and_norm_p_values_coincide():
+    """Where each point moves along one direction across subjects, the point-wise Hotelling T² and
+    the norm statistic give identical permutation p-values; with 3-D scatter they do not. The
+    report reads the fraction of such points (filled into older seeds on reuse)."""
+    from DeepSSMLogic.analysis.groups import hotelling_pointwise, permutation_test
+
+    pc = _module()
+    rng = np.random.default_rng(0)
+    n, m = 16, 40
+    base = rng.normal(size=(m, 3))
+    direction = rng.normal(size=(m, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    amount = rng.normal(size=(n, m, 1)) * rng.uniform(0.5, 3.0, size=(1, m, 1))
+    amount[: n // 2] += 0.8  # a group difference along each point's direction
+    one_d = base + amount * direction
+    three_d = one_d + rng.normal(scale=0.7, size=one_d.shape)
+    assert pc.point_variation_one_dimensional(one_d) == 1.0
+    assert pc.point_variation_one_dimensional(three_d) == 0.0
+    for pts, same in ((one_d, True), (three_d, False)):
+        a, b = pts[: n // 2], pts[n // 2 :]
+        h = hotelling_pointwise(a, b, n_permutations=200, seed=1)
+        q = permutation_test(a, b, n_permutations=200, seed=1)
+        assert np.allclose(h.p_values, q.p_values) is same
+    seeds = [{"ground_truth": {"point_variation_1d": 1.0}, "models": {}}]
+    assert any("one-dimensional at 100 %" in x for x in pc._group_table(seeds, [], 200))
