@@ -340,3 +340,45 @@ def test_point_variation_dimension_explains_when_hotelling_and_norm_p_values_coi
         assert np.allclose(h.p_values, q.p_values) is same
     seeds = [{"ground_truth": {"point_variation_1d": 1.0}, "models": {}}]
     assert any("one-dimensional at 100 %" in x for x in pc._group_table(seeds, [], 200))
+
+
+def test_focal_reading_names_the_threshold_and_the_weight_at_the_models_error(tmp_path):
+    """Focal models carry the c the heuristic chose (filled from model.json into older seeds); the
+    reading gives eq. 7's weight at the held-out RMSE and flags a loss that stopped teaching."""
+    pc = _module()
+    seed_dir = tmp_path / "atrium" / "seed0"
+    for name, loss in (("base-focal", "focal"), ("base-l2", "l2")):
+        (seed_dir / f"model-{name}").mkdir(parents=True)
+        focal = {"a": 10.0, "c": 8.0, "a_latent": None, "c_latent": None}
+        summary = {"config": {"loss": loss}, "focal": focal}
+        (seed_dir / f"model-{name}" / "model.json").write_text(json.dumps({"training_summary": summary}))
+    done = {"models": {"base-focal": {}, "base-l2": {}}}
+    assert pc._add_focal(done, seed_dir) is True and pc._add_focal(done, seed_dir) is False
+    assert done["models"]["base-focal"]["focal"]["c"] == 8.0 and "focal" not in done["models"]["base-l2"]
+
+    down = {"severity_auc": 0.9, "severity_pearson": None, "classifier_accuracy": 0.9}
+
+    def seed(s, c, rmse):
+        m = {
+            "train_seconds": 1.0,
+            "rmse_mm": [rmse] * 3,
+            "surface_mean_mm": [1.0] * 3,
+            "downstream": down,
+            "mode_correlation": {"pearson": [0.9], "variance_fraction": [1.0]},
+            "focal": {"a": 10.0, "c": c, "a_latent": None, "c_latent": None},
+        }
+        return {
+            "seed": s,
+            "mean_shape": {"rmse_mm": [3.0] * 3},
+            "ground_truth": down,
+            "models": {"base-focal": m},
+        }
+
+    args = pc.parse_args(["--n-boot", "200"])
+    st = pc.analyse({"atrium": [seed(0, 8.0, 2.0), seed(1, 9.0, 2.0)]}, args)
+    assert st["cells"]["atrium"]["base-focal"]["focal"]["c"] == 8.5
+    (line,) = [x for x in pc._focal_reading(st) if x]
+    assert "c = 8.50 mm" in line and "weight 5.9e-29" in line and "stopped teaching" in line
+    st = pc.analyse({"femur": [seed(0, 0.4, 0.3), seed(1, 0.4, 0.3)]}, args)
+    (line,) = [x for x in pc._focal_reading(st) if x]
+    assert "weight 2.7e-01" in line and "stopped teaching" not in line
