@@ -17,7 +17,7 @@ import torch
 
 from DeepSSMLogic.errors import CancelledError, InputError
 from DeepSSMLogic.losses import correspondence_l2, focal_loss, focal_threshold, per_sample_rmse
-from DeepSSMLogic.networks import CorrespondenceAutoencoder, build_network
+from DeepSSMLogic.networks import BaseDeepSSM, CorrespondenceAutoencoder, build_network
 from DeepSSMLogic.progress import CancelToken, ProgressEvent
 from DeepSSMLogic.training import LOG_NAME, TrainConfig, load_checkpoint, train
 
@@ -278,6 +278,36 @@ def test_light_encoder_trains_and_an_older_checkpoint_resumes_as_paper(tmp_path)
     assert "encoder" not in resumed.architecture
     with pytest.raises(InputError, match="configuration differs in \\['encoder'\\]"):
         train(tiny_config(epochs=1, n_modes=2, encoder="light"), tr, va, tmp_path / "old", resume=True)
+
+
+def _checkpoint_bytes(net: torch.nn.Module) -> int:
+    """What ``checkpoint.pt`` holds, in bytes: the weights and the best epoch's weights (two state
+    dicts) and Adam's two moments of every trainable weight (float32)."""
+    state = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    return 2 * state + 2 * trainable
+
+
+def test_light3_checkpoint_is_under_half_of_light2s_and_under_50_mb_on_the_issue_16_cohort(tmp_path):
+    """issue 16 target "checkpoint ≤ 50 MB": light2's first FC layer takes the flattened 64-channel
+    conv output; light3's 1×1×1 reduction to 16 channels makes it 4× smaller. A real checkpoint
+    matches the size model above; the model then gives the 64³ cohort's sizes (56×46×42 grid,
+    512 particles, 3 modes; light2 measured 105.6 MB there, BENCHMARKS.md)."""
+    size = 32  # light2's FC takes 64 × 4³: it dominates as on the 64³ cohort's grid
+    tr, va = sphere_set(6, 1, size=size), sphere_set(2, 2, size=size)
+    real = {}
+    for encoder in ("light2", "light3"):
+        result = train(tiny_config(encoder=encoder, epochs=1), tr, va, tmp_path / encoder)
+        real[encoder] = (tmp_path / encoder / "checkpoint.pt").stat().st_size
+        model = _checkpoint_bytes(result.model)
+        assert model <= real[encoder] <= model + 200_000, encoder  # + pickle keys, history, config
+    assert real["light3"] < 0.5 * real["light2"]
+    issue = {
+        e: _checkpoint_bytes(BaseDeepSSM((42, 46, 56), 3, n_particles=512, conv_padding="same", encoder=e))
+        for e in ("light2", "light3")
+    }
+    assert 100e6 < issue["light2"] < 110e6  # the measured 105.6 MB
+    assert issue["light3"] <= 50e6
 
 
 # -- DDP -----------------------------------------------------------------------------------------

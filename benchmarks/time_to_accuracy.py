@@ -76,6 +76,7 @@ CANDIDATES = {
     "light-x3": Candidate("light-x3", "light", 3),
     "light2": Candidate("light2", "light2"),  # = light-pool below, shipped under its own name
     "light2-bf16": Candidate("light2-bf16", "light2", precision="bf16"),  # bf16 autocast on the CPU
+    "light3": Candidate("light3", "light3"),  # light2 + a 1×1×1 reduction to 16 channels (checkpoint size)
     # optimiser variants of light
     "light-lr3e-4": Candidate("light-lr3e-4", "light", lr=3e-4),
     "light-wd1e-3": Candidate("light-wd1e-3", "light", weight_decay=1e-3),
