@@ -53,19 +53,23 @@ class LightSpec:
     then 2× max pooling, the others by a stride-2 conv; ``stem`` > 0 puts a full-resolution 3×3×3
     conv of that many channels first; ``reduce`` > 0 ends the stack with a learned 1×1×1 conv (+ batch
     norm, PReLU) to that many channels, so the flattened FC input shrinks by ``channels[-1] / reduce``
-    at the same spatial resolution (the first FC layer dominates the weights and checkpoint)."""
+    at the same spatial resolution (the first FC layer dominates the weights and checkpoint); ``fc``
+    is the width of the first FC layer (the paper's 384)."""
 
     channels: tuple[int, ...] = LIGHT_CHANNELS
     stem: int = 0
     blocks: int = 1
     pool: int = 0
     reduce: int = 0
+    fc: int = FC_SIZES[0]
 
     def __post_init__(self) -> None:
         if isinstance(self.pool, bool) or not 0 <= self.pool <= len(self.channels):
             raise ValueError(
                 f"LightSpec.pool: expected a level count 0..{len(self.channels)}, found {self.pool!r}"
             )
+        if isinstance(self.fc, bool) or not isinstance(self.fc, int) or self.fc < 1:
+            raise ValueError(f"LightSpec.fc: expected a layer width ≥ 1, found {self.fc!r}")
         if isinstance(self.reduce, bool) or not isinstance(self.reduce, int) or self.reduce < 0:
             raise ValueError(
                 f"LightSpec.reduce: expected a channel count ≥ 0 (0: none), found {self.reduce!r}"
@@ -260,9 +264,11 @@ class ImageEncoder(nn.Module):
             spec = LIGHT_ENCODERS[encoder]
             layers, channels = _light_conv_stack(spec), spec.out_channels
             conv_shape = light_output_shape(shape, len(spec.channels))
+            fc_sizes = (spec.fc, FC_SIZES[1])
         else:
             layers = _paper_conv_stack(conv_padding)
             channels, conv_shape = ENCODER_CHANNELS[-1], encoder_output_shape(shape, conv_padding)
+            fc_sizes = FC_SIZES
         if pool_size is not None:
             layers.append(nn.AdaptiveAvgPool3d(int(pool_size)))
             spatial = int(pool_size) ** 3
@@ -271,11 +277,11 @@ class ImageEncoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.flat_features = channels * spatial
         self.fc = nn.Sequential(
-            nn.Linear(self.flat_features, FC_SIZES[0]),
+            nn.Linear(self.flat_features, fc_sizes[0]),
             nn.PReLU(),
-            nn.Linear(FC_SIZES[0], FC_SIZES[1]),
+            nn.Linear(fc_sizes[0], fc_sizes[1]),
             nn.PReLU(),
-            nn.Linear(FC_SIZES[1], int(n_out)),
+            nn.Linear(fc_sizes[1], int(n_out)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

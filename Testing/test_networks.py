@@ -353,7 +353,13 @@ def test_the_shipped_light_stack_is_frozen():
 
 @pytest.mark.parametrize(
     "spec",
-    [LightSpec(stem=4), LightSpec(pool=3), LightSpec(pool=1), LightSpec((8, 16), stem=4, blocks=2, pool=2)],
+    [
+        LightSpec(stem=4),
+        LightSpec(pool=3),
+        LightSpec(pool=1),
+        LightSpec((8, 16), stem=4, blocks=2, pool=2),
+        LightSpec((8, 16), pool=2, reduce=4, fc=24),
+    ],
 )
 @pytest.mark.parametrize("shape", [(9, 8, 8), (17, 20, 23)])
 def test_light_specs_build_run_and_round_trip(monkeypatch, spec, shape):
@@ -364,9 +370,11 @@ def test_light_specs_build_run_and_round_trip(monkeypatch, spec, shape):
     with torch.no_grad():
         z = net.encoder.conv(x)
     assert tuple(z.shape[2:]) == light_output_shape(shape, len(spec.channels))  # ⌈n/2⌉ per level
-    assert z.shape[1] == spec.channels[-1] == net.encoder.flat_features // int(np.prod(z.shape[2:]))
+    assert z.shape[1] == spec.out_channels == net.encoder.flat_features // int(np.prod(z.shape[2:]))
+    assert spec.out_channels == (spec.reduce or spec.channels[-1])
+    assert net.encoder.fc[0].out_features == spec.fc
     convs = [m for m in net.encoder.conv.modules() if isinstance(m, torch.nn.Conv3d)]
-    assert len(convs) == bool(spec.stem) + len(spec.channels) * (1 + 2 * spec.blocks)
+    assert len(convs) == bool(spec.stem) + len(spec.channels) * (1 + 2 * spec.blocks) + bool(spec.reduce)
     assert (convs[0].stride == (1, 1, 1)) == (spec.stem > 0 or spec.pool > 0)
     pools = [m for m in net.encoder.conv.modules() if isinstance(m, torch.nn.MaxPool3d)]
     assert len(pools) == spec.pool
@@ -438,6 +446,9 @@ def test_light3_is_light2_with_a_learned_channel_reduction_and_a_quarter_of_its_
     for bad in (-1, True, 2.5):
         with pytest.raises(ValueError, match=r"LightSpec\.reduce"):
             LightSpec(pool=3, reduce=bad)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match=r"LightSpec\.fc"):
+            LightSpec(pool=3, fc=bad)
     two = BaseDeepSSM(ISSUE_GRID, 3, n_particles=512, conv_padding="same", encoder="light2")
     three = BaseDeepSSM(ISSUE_GRID, 3, n_particles=512, conv_padding="same", encoder="light3")
     # light2's conv stack, then the reduction

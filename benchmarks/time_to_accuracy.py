@@ -102,6 +102,11 @@ CANDIDATES = {
     "light-pool2": Candidate("light-pool2", "x-pool2", spec=_spec(pool=2)),
     "light-pool-c8": Candidate("light-pool-c8", "x-pool-c8", spec=_spec(pool=3, channels=(8, 32, 64))),
     "light-pool1-c8": Candidate("light-pool1-c8", "x-pool1-c8", spec=_spec(pool=1, channels=(8, 32, 64))),
+    # checkpoint size (issue 16): light2 with fewer FC inputs (a 1×1×1 reduction) or a narrower first FC layer
+    "light3-r24": Candidate("light3-r24", "x-r24", spec=_spec(pool=3, reduce=24)),
+    "light3-r32": Candidate("light3-r32", "x-r32", spec=_spec(pool=3, reduce=32)),
+    "light2-fc128": Candidate("light2-fc128", "x-fc128", spec=_spec(pool=3, fc=128)),
+    "light2-fc192": Candidate("light2-fc192", "x-fc192", spec=_spec(pool=3, fc=192)),
 }
 
 
