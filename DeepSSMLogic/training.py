@@ -916,7 +916,8 @@ def _train(
                 stopped_early[stage.name] = stopped
             if dist.main:
                 # a finished stage is resumed from its (best) weights alone: its optimizer and scheduler
-                # are never read again, and its best weights are the model's tensors (saved once)
+                # are never read again; at a stage's end or a best epoch the best weights are the
+                # model's, so the checkpoint refers to the model's tensors (torch.save writes them once)
                 state = model.state_dict()
                 ckpt_obj = {
                     "format": CHECKPOINT_FORMAT,
@@ -928,7 +929,7 @@ def _train(
                     "model": state,
                     "optimizer": None if last else optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None and not last else None,
-                    "best_state": state if last else best_state,
+                    "best_state": state if last or improved else best_state,
                     "best_rmse": best_rmse,
                     "best_epoch": best_epoch,
                     "best_stage": best_stage,
