@@ -18,7 +18,9 @@ strided 3×3×3 stem (no full-resolution convolution), 3×3×3 residual blocks a
 convolutions instead of max pooling (16, 32, 64 channels at 1/2, 1/4, 1/8 resolution) — and keeps
 everything after it (FC 384 → 96 → output, the PCA layer / the TL decoder) unchanged.
 ``encoder="light2"`` is the same with each level's conv at stride 1 followed by 2× max pooling
-(:class:`LightSpec` ``pool=3``). Light stacks always pad (``conv_padding="same"``).
+(:class:`LightSpec` ``pool=3``); ``encoder="light3"`` is light2 ending in a learned 1×1×1 conv to 16
+channels (``reduce=16``), which makes the first FC layer 4× smaller. Light stacks always pad
+(``conv_padding="same"``).
 Architectures without an ``encoder`` field are the paper's; a light network records architecture
 version 2 so older software refuses it, and an encoder name unknown to a release is refused by name.
 """
@@ -49,18 +51,34 @@ class LightSpec:
     """Shape of a light encoder: one level per entry of ``channels``, each a 3×3×3 conv that halves
     the resolution and ``blocks`` residual blocks. The first ``pool`` levels halve by a stride-1 conv
     then 2× max pooling, the others by a stride-2 conv; ``stem`` > 0 puts a full-resolution 3×3×3
-    conv of that many channels first."""
+    conv of that many channels first; ``reduce`` > 0 ends the stack with a learned 1×1×1 conv (+ batch
+    norm, PReLU) to that many channels, so the flattened FC input shrinks by ``channels[-1] / reduce``
+    at the same spatial resolution (the first FC layer dominates the weights and checkpoint); ``fc``
+    is the width of the first FC layer (the paper's 384)."""
 
     channels: tuple[int, ...] = LIGHT_CHANNELS
     stem: int = 0
     blocks: int = 1
     pool: int = 0
+    reduce: int = 0
+    fc: int = FC_SIZES[0]
 
     def __post_init__(self) -> None:
         if isinstance(self.pool, bool) or not 0 <= self.pool <= len(self.channels):
             raise ValueError(
                 f"LightSpec.pool: expected a level count 0..{len(self.channels)}, found {self.pool!r}"
             )
+        if isinstance(self.fc, bool) or not isinstance(self.fc, int) or self.fc < 1:
+            raise ValueError(f"LightSpec.fc: expected a layer width ≥ 1, found {self.fc!r}")
+        if isinstance(self.reduce, bool) or not isinstance(self.reduce, int) or self.reduce < 0:
+            raise ValueError(
+                f"LightSpec.reduce: expected a channel count ≥ 0 (0: none), found {self.reduce!r}"
+            )
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the stack's output (the FC layer's input is this × the output voxels)."""
+        return self.reduce or self.channels[-1]
 
 
 # the encoders a network can be built with; a name, once shipped, keeps its layer stack for ever
@@ -71,6 +89,10 @@ LIGHT_ENCODERS: dict[str, LightSpec] = {
     # pools) instead of a stride-2 conv: on the noisy synthetic atrium it generalised far better
     # (held-out 1.84 vs 3.21 mm, BENCHMARKS.md time to accuracy) for ~1.7× light's FLOPs and ~2.7× its CPU time
     "light2": LightSpec(pool=3),
+    # light3 (issue 16, checkpoint ≤ 50 MB): light2 + a learned 1×1×1 reduction 64 → 16 channels before
+    # the flatten, so the first FC layer (6.2 M of light2's 6.6 M weights on a 56×46×42 grid) is 4×
+    # smaller at the same spatial resolution (BENCHMARKS.md, checkpoint size)
+    "light3": LightSpec(pool=3, reduce=16),
 }
 
 
@@ -214,6 +236,8 @@ def _light_conv_stack(spec: LightSpec) -> list[nn.Module]:
             layers += _conv_bn_act(c_in, c_out, 2)
         layers += [ResidualBlock3d(c_out) for _ in range(spec.blocks)]
         c_in = c_out
+    if spec.reduce:
+        layers += [nn.Conv3d(c_in, spec.reduce, 1, bias=False), nn.BatchNorm3d(spec.reduce), nn.PReLU()]
     return layers
 
 
@@ -238,11 +262,13 @@ class ImageEncoder(nn.Module):
             raise InputError(f"architecture field 'pool_size': expected ≥ 1 or null, found {pool_size}")
         if is_light(encoder):
             spec = LIGHT_ENCODERS[encoder]
-            layers, channels = _light_conv_stack(spec), spec.channels[-1]
+            layers, channels = _light_conv_stack(spec), spec.out_channels
             conv_shape = light_output_shape(shape, len(spec.channels))
+            fc_sizes = (spec.fc, FC_SIZES[1])
         else:
             layers = _paper_conv_stack(conv_padding)
             channels, conv_shape = ENCODER_CHANNELS[-1], encoder_output_shape(shape, conv_padding)
+            fc_sizes = FC_SIZES
         if pool_size is not None:
             layers.append(nn.AdaptiveAvgPool3d(int(pool_size)))
             spatial = int(pool_size) ** 3
@@ -251,11 +277,11 @@ class ImageEncoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.flat_features = channels * spatial
         self.fc = nn.Sequential(
-            nn.Linear(self.flat_features, FC_SIZES[0]),
+            nn.Linear(self.flat_features, fc_sizes[0]),
             nn.PReLU(),
-            nn.Linear(FC_SIZES[0], FC_SIZES[1]),
+            nn.Linear(fc_sizes[0], fc_sizes[1]),
             nn.PReLU(),
-            nn.Linear(FC_SIZES[1], int(n_out)),
+            nn.Linear(fc_sizes[1], int(n_out)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,7 @@ def default_voxel_budget(device: str) -> tuple[int, str]:
 # encoders were measured against the converged paper network with a 30-epoch cosine schedule
 # (BENCHMARKS.md, time to accuracy: light2 reached the paper's accuracy by epoch 5-15 of 30 on every
 # family), and 100 epochs would triple a CPU training for no measured gain.
-DEFAULT_EPOCHS = {"paper": 100, "light": 30, "light2": 30}
+DEFAULT_EPOCHS = {"paper": 100, "light": 30, "light2": 30, "light3": 30}
 
 
 def resolve_epochs(epochs: int | str, encoder: str) -> tuple[int, str]:

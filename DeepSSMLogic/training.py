@@ -10,7 +10,9 @@
   T-flank's best, the T-flank's weights are kept (``best_stage`` says which stage won).
 * Every epoch: a :class:`~DeepSSMLogic.progress.ProgressEvent` with metrics, ``train_log.jsonl``
   (one JSON object per epoch, rewritten atomically) and ``checkpoint.pt`` (atomic; tensors and
-  plain containers only, so it loads with ``weights_only=True``). ``resume=True`` continues a
+  plain containers only, so it loads with ``weights_only=True``; mid-stage it holds the weights, the
+  best weights and Adam's moments, ≈ 4× the weights; at a stage's end only the restored best weights,
+  which is all a resumption past that stage reads). ``resume=True`` continues a
   killed run to the same weights as an uninterrupted one (CPU, same seed, same data).
 * Device-agnostic; on CUDA: bf16 autocast, channels_last_3d, data kept on the device when it
   fits, cudnn.benchmark, optional ``torch.compile``. Under ``torchrun`` (``WORLD_SIZE`` > 1) it
@@ -913,6 +915,10 @@ def _train(
                 model.load_state_dict(best_state)
                 stopped_early[stage.name] = stopped
             if dist.main:
+                # a finished stage is resumed from its (best) weights alone: its optimizer and scheduler
+                # are never read again; at a stage's end or a best epoch the best weights are the
+                # model's, so the checkpoint refers to the model's tensors (torch.save writes them once)
+                state = model.state_dict()
                 ckpt_obj = {
                     "format": CHECKPOINT_FORMAT,
                     "config": config.to_json(),
@@ -920,10 +926,10 @@ def _train(
                     "stage_name": stage.name,
                     "stage_epoch": epoch + 1,
                     "stage_done": last,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "best_state": best_state,
+                    "model": state,
+                    "optimizer": None if last else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None and not last else None,
+                    "best_state": state if last or improved else best_state,
                     "best_rmse": best_rmse,
                     "best_epoch": best_epoch,
                     "best_stage": best_stage,

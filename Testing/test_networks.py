@@ -353,7 +353,13 @@ def test_the_shipped_light_stack_is_frozen():
 
 @pytest.mark.parametrize(
     "spec",
-    [LightSpec(stem=4), LightSpec(pool=3), LightSpec(pool=1), LightSpec((8, 16), stem=4, blocks=2, pool=2)],
+    [
+        LightSpec(stem=4),
+        LightSpec(pool=3),
+        LightSpec(pool=1),
+        LightSpec((8, 16), stem=4, blocks=2, pool=2),
+        LightSpec((8, 16), pool=2, reduce=4, fc=24),
+    ],
 )
 @pytest.mark.parametrize("shape", [(9, 8, 8), (17, 20, 23)])
 def test_light_specs_build_run_and_round_trip(monkeypatch, spec, shape):
@@ -364,9 +370,11 @@ def test_light_specs_build_run_and_round_trip(monkeypatch, spec, shape):
     with torch.no_grad():
         z = net.encoder.conv(x)
     assert tuple(z.shape[2:]) == light_output_shape(shape, len(spec.channels))  # ⌈n/2⌉ per level
-    assert z.shape[1] == spec.channels[-1] == net.encoder.flat_features // int(np.prod(z.shape[2:]))
+    assert z.shape[1] == spec.out_channels == net.encoder.flat_features // int(np.prod(z.shape[2:]))
+    assert spec.out_channels == (spec.reduce or spec.channels[-1])
+    assert net.encoder.fc[0].out_features == spec.fc
     convs = [m for m in net.encoder.conv.modules() if isinstance(m, torch.nn.Conv3d)]
-    assert len(convs) == bool(spec.stem) + len(spec.channels) * (1 + 2 * spec.blocks)
+    assert len(convs) == bool(spec.stem) + len(spec.channels) * (1 + 2 * spec.blocks) + bool(spec.reduce)
     assert (convs[0].stride == (1, 1, 1)) == (spec.stem > 0 or spec.pool > 0)
     pools = [m for m in net.encoder.conv.modules() if isinstance(m, torch.nn.MaxPool3d)]
     assert len(pools) == spec.pool
@@ -397,6 +405,89 @@ def test_light2_is_light_with_max_pooling_and_the_cli_offers_every_encoder():
     for command in ("train", "demo"):
         encoder = next(a for a in sub.choices[command]._actions if a.dest == "encoder")
         assert set(encoder.choices) == {"paper", *LIGHT_ENCODERS}, command
+
+
+def _conv_and_fc_shapes(net: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in net.encoder.state_dict().items() if k.endswith("weight")]
+
+
+# the issue-16 64³ cohort (30 subjects, 1.5 mm automatic grid 56×46×42, 512 particles, 3 modes)
+ISSUE_GRID = (42, 46, 56)
+
+
+def test_the_shipped_light2_stack_is_frozen():
+    """light2 is what every bundle since issue 16 was trained with (the default): adding light3 (a
+    ``reduce`` field in LightSpec) must leave its layer stack — every weight's key and shape — as it
+    was, or those bundles would no longer load."""
+    assert LIGHT_ENCODERS["light2"].reduce == 0 and LIGHT_ENCODERS["light"].reduce == 0
+    net = BaseDeepSSM(ISSUE_GRID, 3, n_particles=512, conv_padding="same", encoder="light2")
+    conv = [(k, s) for k, s in _conv_and_fc_shapes(net) if len(s) == 5]
+    assert conv == [
+        ("conv.0.weight", (16, 1, 3, 3, 3)),
+        ("conv.4.body.0.weight", (16, 16, 3, 3, 3)),
+        ("conv.4.body.3.weight", (16, 16, 3, 3, 3)),
+        ("conv.5.weight", (32, 16, 3, 3, 3)),
+        ("conv.9.body.0.weight", (32, 32, 3, 3, 3)),
+        ("conv.9.body.3.weight", (32, 32, 3, 3, 3)),
+        ("conv.10.weight", (64, 32, 3, 3, 3)),
+        ("conv.14.body.0.weight", (64, 64, 3, 3, 3)),
+        ("conv.14.body.3.weight", (64, 64, 3, 3, 3)),
+    ]
+    assert len(net.encoder.conv) == 15
+    assert dict(_conv_and_fc_shapes(net))["fc.0.weight"] == (384, 64 * 6 * 6 * 7)
+    assert count_parameters(net, trainable_only=True) == 6_591_326
+
+
+def test_light3_is_light2_with_a_learned_channel_reduction_and_a_quarter_of_its_fc_layer():
+    """issue 16 (checkpoint ≤ 50 MB): light3 = light2's stack + a 1×1×1 conv 64 → 16 (+ BN, PReLU)
+    before the flatten; the spatial resolution the FC layer sees is unchanged."""
+    assert LIGHT_ENCODERS["light3"] == LightSpec(LIGHT_CHANNELS, stem=0, blocks=1, pool=3, reduce=16)
+    assert LIGHT_ENCODERS["light3"].out_channels == 16 and LIGHT_ENCODERS["light2"].out_channels == 64
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ValueError, match=r"LightSpec\.reduce"):
+            LightSpec(pool=3, reduce=bad)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match=r"LightSpec\.fc"):
+            LightSpec(pool=3, fc=bad)
+    two = BaseDeepSSM(ISSUE_GRID, 3, n_particles=512, conv_padding="same", encoder="light2")
+    three = BaseDeepSSM(ISSUE_GRID, 3, n_particles=512, conv_padding="same", encoder="light3")
+    # light2's conv stack, then the reduction
+    assert [type(m) for m in three.encoder.conv[:15]] == [type(m) for m in two.encoder.conv]
+    assert [type(m) for m in three.encoder.conv[15:]] == [
+        torch.nn.Conv3d,
+        torch.nn.BatchNorm3d,
+        torch.nn.PReLU,
+    ]
+    reduce = three.encoder.conv[15]
+    assert reduce.kernel_size == (1, 1, 1) and (reduce.in_channels, reduce.out_channels) == (64, 16)
+    x = torch.randn(1, 1, *ISSUE_GRID)
+    with torch.no_grad():
+        assert tuple(three.encoder.conv(x).shape) == (1, 16, 6, 6, 7)
+    assert three.encoder.flat_features * 4 == two.encoder.flat_features == 64 * 6 * 6 * 7
+    assert dict(_conv_and_fc_shapes(three))["fc.0.weight"] == (384, 16 * 6 * 6 * 7)
+    assert count_parameters(three, trainable_only=True) == 1_947_519  # light2: 6,591,326
+    arch = json.loads(json.dumps(three.architecture))
+    assert arch["encoder"] == "light3" and arch["version"] == 2
+    assert build_network(arch).encoder.flat_features == three.encoder.flat_features
+
+
+def test_light2_and_light3_bundles_load_from_a_zip(tmp_path):
+    """A light2 bundle (written with its frozen stack) and a light3 one both load, weights intact."""
+    import shutil
+
+    from helpers_predict import make_tiny_bundle
+
+    from DeepSSMLogic.bundle import load_bundle
+
+    for encoder in ("light2", "light3"):
+        path = make_tiny_bundle(tmp_path / encoder, seed=2, encoder=encoder)
+        archive = Path(shutil.make_archive(str(tmp_path / f"{encoder}_bundle"), "zip", path))
+        b = load_bundle(archive)
+        assert b.meta["architecture"]["encoder"] == encoder
+        saved = torch.load(path / "weights.pt", weights_only=True)
+        assert b.network.state_dict().keys() == saved.keys()
+        for k, v in b.network.state_dict().items():
+            assert torch.equal(v, saved[k]), k
 
 
 def test_the_default_encoder_is_light2_in_the_cli_the_pipeline_and_the_slicer_worker():

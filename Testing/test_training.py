@@ -17,7 +17,7 @@ import torch
 
 from DeepSSMLogic.errors import CancelledError, InputError
 from DeepSSMLogic.losses import correspondence_l2, focal_loss, focal_threshold, per_sample_rmse
-from DeepSSMLogic.networks import CorrespondenceAutoencoder, build_network
+from DeepSSMLogic.networks import BaseDeepSSM, CorrespondenceAutoencoder, build_network
 from DeepSSMLogic.progress import CancelToken, ProgressEvent
 from DeepSSMLogic.training import LOG_NAME, TrainConfig, load_checkpoint, train
 
@@ -227,7 +227,7 @@ def test_tl_joint_stage_keeps_the_t_flank_weights_when_it_never_beats_them(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("variant", "cancel_after"), [("base", 2), ("tl", 3)])
+@pytest.mark.parametrize(("variant", "cancel_after"), [("base", 2), ("tl", 2), ("tl", 3)])
 def test_resume_after_cancel_gives_the_uninterrupted_result(tmp_path, variant, cancel_after):
     cfg = tiny_config(variant=variant, loss="focal", epochs=4)
     tr, va = sphere_set(8, 1), sphere_set(4, 2)
@@ -241,7 +241,11 @@ def test_resume_after_cancel_gives_the_uninterrupted_result(tmp_path, variant, c
 
     with pytest.raises(CancelledError):
         train(cfg, tr, va, tmp_path / "cut", progress=cancel_at, cancel=token)
-    assert len(load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["history"]) == cancel_after
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert len(cut["history"]) == cancel_after
+    # TL after 2 epochs: the autoencoder stage is done and its checkpoint holds only its weights
+    stage_end = (variant, cancel_after) == ("tl", 2)
+    assert cut["stage_done"] == stage_end and (cut["optimizer"] is None) == stage_end
     resumed = train(cfg, tr, va, tmp_path / "cut", resume=True)
     assert _states_equal(resumed.model.state_dict(), full.model.state_dict())
     assert [h["val_rmse_mm"] for h in resumed.history] == [h["val_rmse_mm"] for h in full.history]
@@ -278,6 +282,56 @@ def test_light_encoder_trains_and_an_older_checkpoint_resumes_as_paper(tmp_path)
     assert "encoder" not in resumed.architecture
     with pytest.raises(InputError, match="configuration differs in \\['encoder'\\]"):
         train(tiny_config(epochs=1, n_modes=2, encoder="light"), tr, va, tmp_path / "old", resume=True)
+
+
+def _state_bytes(net: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in net.state_dict().values())
+
+
+def _checkpoint_bytes(net: torch.nn.Module, best_epoch: bool = False) -> int:
+    """What a mid-stage ``checkpoint.pt`` holds, in bytes: the weights, the best epoch's weights
+    (unless this epoch is the best: then they are the same tensors, written once) and Adam's two
+    moments of every trainable weight (float32)."""
+    trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    return (1 if best_epoch else 2) * _state_bytes(net) + 2 * trainable
+
+
+@pytest.mark.slow
+def test_checkpoint_sizes_light3_mid_stage_and_a_finished_stage_on_the_issue_16_cohort(tmp_path):
+    """issue 16 target "checkpoint ≤ 50 MB". Mid-stage a checkpoint holds up to 4× the weights, and
+    light2's first FC layer takes the flattened 64-channel conv output; light3's 1×1×1 reduction to
+    16 channels makes it 4× smaller. A finished stage's checkpoint holds its best weights once (no
+    Adam moments, no second copy). Real checkpoints match the size model; it then gives the 64³
+    cohort's sizes (56×46×42 grid, 512 particles, 3 modes; light2 measured 105.6 MB there)."""
+    size = 32  # light2's FC takes 64 × 4³: it dominates as on the 64³ cohort's grid
+    tr, va = sphere_set(6, 1, size=size), sphere_set(2, 2, size=size)
+    first = {}
+    for encoder in ("light2", "light3"):
+        out = tmp_path / encoder
+        sizes: list[int] = []
+
+        def measure(event: ProgressEvent, out: Path = out, sizes: list[int] = sizes) -> None:
+            sizes.append((out / "checkpoint.pt").stat().st_size)
+
+        result = train(tiny_config(encoder=encoder, epochs=4), tr, va, out, progress=measure)
+        net = result.model
+        assert len(sizes) == 4
+        for h, n in zip(result.history[:-1], sizes[:-1], strict=True):  # mid-stage epochs
+            expected = _checkpoint_bytes(net, best_epoch=h["best"])
+            assert expected <= n <= expected + 200_000, (encoder, h)  # + pickle keys, history, config
+        assert _state_bytes(net) <= sizes[-1] <= _state_bytes(net) + 200_000, encoder  # finished
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        assert ckpt["stage_done"] and ckpt["optimizer"] is None and ckpt["scheduler"] is None
+        assert _states_equal(ckpt["best_state"], net.state_dict())
+        first[encoder] = sizes[0]
+    assert first["light3"] < 0.5 * first["light2"]
+    issue = {
+        e: BaseDeepSSM((42, 46, 56), 3, n_particles=512, conv_padding="same", encoder=e)
+        for e in ("light2", "light3")
+    }
+    assert 100e6 < _checkpoint_bytes(issue["light2"]) < 110e6  # the measured 105.6 MB, mid-stage
+    assert _checkpoint_bytes(issue["light3"]) <= 50e6  # mid-stage, worst case
+    assert _state_bytes(issue["light2"]) <= 50e6  # light2's finished checkpoint
 
 
 # -- DDP -----------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ CANDIDATES = {
     "light-x3": Candidate("light-x3", "light", 3),
     "light2": Candidate("light2", "light2"),  # = light-pool below, shipped under its own name
     "light2-bf16": Candidate("light2-bf16", "light2", precision="bf16"),  # bf16 autocast on the CPU
+    "light3": Candidate("light3", "light3"),  # light2 + a 1×1×1 reduction to 16 channels (checkpoint size)
     # optimiser variants of light
     "light-lr3e-4": Candidate("light-lr3e-4", "light", lr=3e-4),
     "light-wd1e-3": Candidate("light-wd1e-3", "light", weight_decay=1e-3),
@@ -101,6 +102,11 @@ CANDIDATES = {
     "light-pool2": Candidate("light-pool2", "x-pool2", spec=_spec(pool=2)),
     "light-pool-c8": Candidate("light-pool-c8", "x-pool-c8", spec=_spec(pool=3, channels=(8, 32, 64))),
     "light-pool1-c8": Candidate("light-pool1-c8", "x-pool1-c8", spec=_spec(pool=1, channels=(8, 32, 64))),
+    # checkpoint size (issue 16): light2 with fewer FC inputs (a 1×1×1 reduction) or a narrower first FC layer
+    "light3-r24": Candidate("light3-r24", "x-r24", spec=_spec(pool=3, reduce=24)),
+    "light3-r32": Candidate("light3-r32", "x-r32", spec=_spec(pool=3, reduce=32)),
+    "light2-fc128": Candidate("light2-fc128", "x-fc128", spec=_spec(pool=3, fc=128)),
+    "light2-fc192": Candidate("light2-fc192", "x-fc192", spec=_spec(pool=3, fc=192)),
 }
 
 

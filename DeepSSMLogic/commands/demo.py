@@ -159,7 +159,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--augment", type=int, help="override the number of augmented samples")
     parser.add_argument(
         "--encoder",
-        choices=("light", "light2", "paper"),
+        choices=("light", "light2", "light3", "paper"),
         default="light",
         help="image encoder: light (default), light2 or the paper's network (slower on a CPU)",
     )

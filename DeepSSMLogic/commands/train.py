@@ -99,11 +99,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--conv-padding", choices=("auto", "valid", "same"), default="auto")
     parser.add_argument(
         "--encoder",
-        choices=("paper", "light", "light2"),
+        choices=("paper", "light", "light2", "light3"),
         default="light2",
         help="image encoder: light2 (default: 3x3x3 residual convs with max pooling, for CPU training; "
         "same PCA/TL heads, always 'same' padding), light (stride-2 convs: cheaper, less accurate on noisy "
-        "images) or paper (the paper's 5x5x5 conv stack); see BENCHMARKS.md, time to accuracy",
+        "images), light3 (light2 with a 1x1x1 reduction to 16 channels before the FC layer: ~4x smaller "
+        "weights and checkpoint) or paper (the paper's 5x5x5 conv stack); see BENCHMARKS.md, time to accuracy",
     )
     parser.add_argument(
         "--uncertainty",
