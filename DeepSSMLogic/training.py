@@ -724,26 +724,24 @@ def train(
     return result
 
 
-def _train(
-    config: TrainConfig,
-    train_set: Any,
-    val_set: Any,
-    out_dir: Path,
-    progress: ProgressCallback,
-    cancel: CancelToken | None,
-    resume: bool,
-    shape_model: Any,
-    image_transform: Any,
-    dist: _Dist,
-) -> TrainResult:
-    device = dist.device
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class _RunState:
+    """What a run carries across stages and checkpoints: the log, the focal parameters and the
+    best weights so far (``best_state`` None: the model's own tensors are the best)."""
 
+    focal: dict[str, float | None]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: dict[str, bool] = field(default_factory=dict)
+    best_rmse: float = math.inf
+    best_epoch: int = 0
+    best_stage: str = ""
+    bad_epochs: int = 0
+
+
+def _load_data(
+    config: TrainConfig, train_set: Any, val_set: Any, image_transform: Any, device: torch.device, cancel: Any
+) -> tuple[_Data, _Data]:
+    """Stage setup: both splits as normalised tensors, checked to match each other."""
     train_data = _load_split("training", train_set, image_transform, config, device, cancel)
     val_data = _load_split("validation", val_set, image_transform, config, device, cancel)
     if (
@@ -755,7 +753,14 @@ def _train(
             f"differ from training samples (image {train_data.image_shape}, "
             f"particles {tuple(train_data.particles.shape[1:])})"
         )
+    return train_data, val_data
 
+
+def _new_model(
+    config: TrainConfig, train_data: _Data, shape_model: Any, device: torch.device, channels_last: bool
+) -> tuple[nn.Module, dict[str, float | None]]:
+    """Stage setup: the seeded network on ``device`` and the focal parameters (``c`` from the
+    paper's heuristic unless given; TL's latent ``c`` is found after the autoencoder stage)."""
     torch.manual_seed(config.seed)
     model, _ = _build_model(config, train_data, shape_model)
     if config.head_dropout > 0:
@@ -770,48 +775,174 @@ def _train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
+    return model, focal
 
+
+def _resume(
+    ckpt_path: Path, config: TrainConfig, model: nn.Module, run: _RunState
+) -> tuple[int, int, dict[str, Any] | None]:
+    """Checkpoint/resume: load ``checkpoint.pt`` into ``model`` and ``run``; returns the stage and
+    epoch to continue from and the checkpoint when it is mid-stage (None after a finished stage)."""
+    ckpt = load_checkpoint(ckpt_path)
+    # checkpoints from before these fields
+    saved = {"encoder": "paper", "head_dropout": 0.0} | json.loads(ckpt["config"])
+    mine = config.to_dict()
+    diff = sorted(
+        k for k in set(saved) | set(mine) if k not in _RESUME_FREE_FIELDS and saved.get(k) != mine.get(k)
+    )
+    if diff:
+        raise InputError(
+            f"{ckpt_path}: cannot resume, the configuration differs in {diff} "
+            f"(checkpoint: {[saved.get(k) for k in diff]}, now: {[mine.get(k) for k in diff]})"
+        )
+    model.load_state_dict(ckpt["model"])
+    run.history = list(ckpt["history"])
+    run.focal = dict(ckpt["focal"])
+    run.stopped_early = dict(ckpt["stopped_early"])
+    run.best_rmse, run.best_epoch = float(ckpt["best_rmse"]), int(ckpt["best_epoch"])
+    run.best_stage = str(ckpt.get("best_stage", ckpt["stage_name"]))  # absent before the joint carry-over
+    run.bad_epochs = int(ckpt["bad_epochs"])
+    _set_rng_state(ckpt["rng"])
+    stage, epoch = int(ckpt["stage_index"]), int(ckpt["stage_epoch"])
+    if ckpt["stage_done"]:
+        return stage + 1, 0, None
+    return stage, epoch, ckpt
+
+
+def _save_checkpoint(
+    out_dir: Path,
+    config: TrainConfig,
+    si: int,
+    stage: _Stage,
+    epoch: int,
+    last: bool,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    best_state: dict[str, torch.Tensor] | None,
+    run: _RunState,
+) -> None:
+    """Checkpoint/resume: ``checkpoint.pt`` (atomic) and the log after an epoch. A finished stage is
+    resumed from its (best) weights alone: its optimizer and scheduler are never read again; at a
+    stage's end or a best epoch the best weights are the model's (``best_state`` None), so the
+    checkpoint refers to the model's tensors and torch.save writes them once."""
+    state = model.state_dict()
+    ckpt_obj = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_json(),
+        "stage_index": si,
+        "stage_name": stage.name,
+        "stage_epoch": epoch + 1,
+        "stage_done": last,
+        "model": state,
+        "optimizer": None if last else optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None and not last else None,
+        "best_state": state if best_state is None else best_state,
+        "best_rmse": run.best_rmse,
+        "best_epoch": run.best_epoch,
+        "best_stage": run.best_stage,
+        "bad_epochs": run.bad_epochs,
+        "history": run.history,
+        "focal": run.focal,
+        "stopped_early": run.stopped_early,
+        "rng": _rng_state(),
+    }
+    save_torch(ckpt_obj, out_dir / CHECKPOINT_NAME)
+    _write_log(out_dir, run.history)
+
+
+def _train_one_epoch(
+    step: nn.Module,
+    stage: _Stage,
+    si: int,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    losses: _Losses,
+    train_data: _Data,
+    config: TrainConfig,
+    dist: _Dist,
+    bf16: bool,
+    channels_last: bool,
+    cancel: CancelToken | None,
+) -> float:
+    """Epoch loop body: one pass over this rank's shuffled training samples; the mean loss over
+    every rank. Raises the named error when the loss is not finite."""
+    indices = _train_indices(len(train_data), config, si, epoch, dist)
+    loss_sum, count = 0.0, 0
+    for images, particles in _batches(
+        train_data,
+        indices,
+        config.batch_size,
+        config,
+        dist.device,
+        stage.needs_images,
+        _epoch_seed(config.seed, si, epoch),
+    ):
+        if cancel is not None:
+            cancel.check()
+        if images is not None and channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        with _autocast(dist.device, bf16):
+            out = step(images, particles)
+            loss = losses(stage.name, out, particles)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * particles.shape[0]
+        count += particles.shape[0]
+    loss_sum, count_f = dist.all_sum([loss_sum, float(count)])
+    train_loss = loss_sum / count_f
+    if not math.isfinite(train_loss):
+        raise DeepSSMError(
+            f"training diverged in stage {stage.name!r} epoch {epoch + 1}: the loss is {train_loss}; "
+            "lower the learning rate"
+        )
+    return train_loss
+
+
+def _train(
+    config: TrainConfig,
+    train_set: Any,
+    val_set: Any,
+    out_dir: Path,
+    progress: ProgressCallback,
+    cancel: CancelToken | None,
+    resume: bool,
+    shape_model: Any,
+    image_transform: Any,
+    dist: _Dist,
+) -> TrainResult:
+    # -- stage setup: device, data, network
+    device = dist.device
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    train_data, val_data = _load_data(config, train_set, val_set, image_transform, device, cancel)
+    model, focal = _new_model(config, train_data, shape_model, device, channels_last)
     stages = _stages(config)
-    history: list[dict[str, Any]] = []
+    run = _RunState(focal)
+
+    # -- checkpoint/resume
     start_stage, start_epoch = 0, 0
     ckpt: dict[str, Any] | None = None  # the checkpoint to continue mid-stage from
-    stopped_early: dict[str, bool] = {}
-    best_rmse, best_epoch, best_stage = math.inf, 0, ""
     ckpt_path = out_dir / CHECKPOINT_NAME
     dist.barrier()
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        # checkpoints from before these fields
-        saved = {"encoder": "paper", "head_dropout": 0.0} | json.loads(ckpt["config"])
-        mine = config.to_dict()
-        diff = sorted(
-            k for k in set(saved) | set(mine) if k not in _RESUME_FREE_FIELDS and saved.get(k) != mine.get(k)
-        )
-        if diff:
-            raise InputError(
-                f"{ckpt_path}: cannot resume, the configuration differs in {diff} "
-                f"(checkpoint: {[saved.get(k) for k in diff]}, now: {[mine.get(k) for k in diff]})"
-            )
-        model.load_state_dict(ckpt["model"])
-        history = list(ckpt["history"])
-        focal = dict(ckpt["focal"])
-        stopped_early = dict(ckpt["stopped_early"])
-        best_rmse, best_epoch = float(ckpt["best_rmse"]), int(ckpt["best_epoch"])
-        best_stage = str(ckpt.get("best_stage", ckpt["stage_name"]))  # absent before the joint carry-over
-        start_stage, start_epoch = int(ckpt["stage_index"]), int(ckpt["stage_epoch"])
-        _set_rng_state(ckpt["rng"])
-        if ckpt["stage_done"]:
-            start_stage, start_epoch, ckpt = start_stage + 1, 0, None
-    losses = _Losses(config, float(focal["c"]), focal["c_latent"])
+        start_stage, start_epoch, ckpt = _resume(ckpt_path, config, model, run)
+    losses = _Losses(config, float(run.focal["c"]), run.focal["c_latent"])
     total_epochs = config.total_epochs
 
     for si in range(start_stage, len(stages)):
+        # -- stage setup: trainable parameters, optimizer, the best-so-far this stage must beat
         stage = stages[si]
-        if stage.name == "tflank" and focal["c_latent"] is None:
+        if stage.name == "tflank" and run.focal["c_latent"] is None:
             with torch.no_grad():
                 codes = model.autoencoder.encode(train_data.particles)
-            focal["c_latent"] = focal_threshold(codes)
-            losses.c_latent = float(focal["c_latent"])
+            run.focal["c_latent"] = focal_threshold(codes)
+            losses.c_latent = float(run.focal["c_latent"])
         params = stage.trainable(model)
         _set_trainable(model, params)
         optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=config.weight_decay)
@@ -820,23 +951,18 @@ def _train(
             if stage.cosine
             else None
         )
-        best_state = _state_copy(model)  # the previous stage's best weights, restored at its end
-        if not stage.continues_previous:
-            best_rmse, best_epoch, best_stage = math.inf, 0, stage.name
-        bad_epochs = 0
-        epoch0 = 0
-        if ckpt is not None and si == start_stage:
+        if ckpt is not None and si == start_stage:  # mid-stage resume: run holds this stage's bests
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(ckpt["scheduler"])
             best_state = ckpt["best_state"]
-            best_rmse, best_epoch, bad_epochs = (
-                float(ckpt["best_rmse"]),
-                int(ckpt["best_epoch"]),
-                int(ckpt["bad_epochs"]),
-            )
-            best_stage = str(ckpt.get("best_stage", stage.name))
             epoch0 = start_epoch
+        else:
+            best_state = _state_copy(model)  # the previous stage's best weights, restored at its end
+            if not stage.continues_previous:
+                run.best_rmse, run.best_epoch, run.best_stage = math.inf, 0, stage.name
+            run.bad_epochs = 0
+            epoch0 = 0
         step: nn.Module = _Step(model, stage.name)
         if dist.active:
             step = nn.parallel.DistributedDataParallel(
@@ -845,6 +971,7 @@ def _train(
         if config.compile:
             step = torch.compile(step)
 
+        # -- epoch loop
         stopped = False
         for epoch in range(epoch0, stage.epochs):
             if cancel is not None:
@@ -855,48 +982,37 @@ def _train(
                 # run-wide epoch index: online augmentation draws fresh shapes in every epoch of every stage
                 train_set.set_epoch(sum(s.epochs for s in stages[:si]) + epoch)
             model.train()
-            indices = _train_indices(len(train_data), config, si, epoch, dist)
-            loss_sum, count = 0.0, 0
-            for images, particles in _batches(
+            train_loss = _train_one_epoch(
+                step,
+                stage,
+                si,
+                epoch,
+                optimizer,
+                losses,
                 train_data,
-                indices,
-                config.batch_size,
                 config,
-                device,
-                stage.needs_images,
-                _epoch_seed(config.seed, si, epoch),
-            ):
-                if cancel is not None:
-                    cancel.check()
-                if images is not None and channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last_3d)
-                with _autocast(device, bf16):
-                    out = step(images, particles)
-                    loss = losses(stage.name, out, particles)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * particles.shape[0]
-                count += particles.shape[0]
-            loss_sum, count_f = dist.all_sum([loss_sum, float(count)])
-            train_loss = loss_sum / count_f
-            if not math.isfinite(train_loss):
-                raise DeepSSMError(
-                    f"training diverged in stage {stage.name!r} epoch {epoch + 1}: the loss is {train_loss}; "
-                    "lower the learning rate"
-                )
+                dist,
+                bf16,
+                channels_last,
+                cancel,
+            )
             if scheduler is not None:
                 scheduler.step()
             val_loss, val_rmse = _validate(
                 model, stage.name, losses, val_data, config, dist, bf16, channels_last
             )
-            improved = val_rmse < best_rmse
+            improved = val_rmse < run.best_rmse
             if improved:
-                best_rmse, best_epoch, best_stage, bad_epochs = val_rmse, epoch + 1, stage.name, 0
+                run.best_rmse, run.best_epoch, run.best_stage, run.bad_epochs = (
+                    val_rmse,
+                    epoch + 1,
+                    stage.name,
+                    0,
+                )
                 best_state = _state_copy(model)
             else:
-                bad_epochs += 1
-            stopped = config.patience is not None and bad_epochs >= config.patience
+                run.bad_epochs += 1
+            stopped = config.patience is not None and run.bad_epochs >= config.patience
             record = {
                 "stage": stage.name,
                 "epoch": epoch + 1,
@@ -909,38 +1025,26 @@ def _train(
                 "best": improved,
                 "peak_rss_mb": peak_memory(device)["rss_mb"],
             }
-            history.append(record)
+            run.history.append(record)
             last = stopped or epoch + 1 == stage.epochs
             if last:
                 model.load_state_dict(best_state)
-                stopped_early[stage.name] = stopped
+                run.stopped_early[stage.name] = stopped
             if dist.main:
-                # a finished stage is resumed from its (best) weights alone: its optimizer and scheduler
-                # are never read again; at a stage's end or a best epoch the best weights are the
-                # model's, so the checkpoint refers to the model's tensors (torch.save writes them once)
-                state = model.state_dict()
-                ckpt_obj = {
-                    "format": CHECKPOINT_FORMAT,
-                    "config": config.to_json(),
-                    "stage_index": si,
-                    "stage_name": stage.name,
-                    "stage_epoch": epoch + 1,
-                    "stage_done": last,
-                    "model": state,
-                    "optimizer": None if last else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None and not last else None,
-                    "best_state": state if last or improved else best_state,
-                    "best_rmse": best_rmse,
-                    "best_epoch": best_epoch,
-                    "best_stage": best_stage,
-                    "bad_epochs": bad_epochs,
-                    "history": history,
-                    "focal": focal,
-                    "stopped_early": stopped_early,
-                    "rng": _rng_state(),
-                }
-                save_torch(ckpt_obj, out_dir / CHECKPOINT_NAME)
-                _write_log(out_dir, history)
+                model_is_best = last or improved
+                _save_checkpoint(
+                    out_dir,
+                    config,
+                    si,
+                    stage,
+                    epoch,
+                    last,
+                    model,
+                    optimizer,
+                    scheduler,
+                    None if model_is_best else best_state,
+                    run,
+                )
             dist.barrier()
             done = sum(s.epochs for s in stages[:si]) + epoch + 1
             progress(
@@ -964,12 +1068,12 @@ def _train(
         model=model,
         architecture=model.architecture,
         config=config,
-        history=history,
-        best_epoch=best_epoch,
-        best_stage=best_stage,
-        best_val_rmse_mm=best_rmse,
-        focal=focal,
-        stopped_early=stopped_early,
+        history=run.history,
+        best_epoch=run.best_epoch,
+        best_stage=run.best_stage,
+        best_val_rmse_mm=run.best_rmse,
+        focal=run.focal,
+        stopped_early=run.stopped_early,
         peak_memory=peak_memory(device),
         precision={
             "autocast": "bf16" if bf16 else "fp32",
