@@ -625,10 +625,15 @@ def train_model(
         bundle_sm.score_std = single.score_std.detach().cpu().double().numpy()
     summary["training_images_aligned"] = opts.align
     if spec.method == "variance":
+        t_folds = time.perf_counter()
         folds = _fold_networks(config, arrays, grid, normalizer, opts, work, world, progress, cancel)
         spec, summary["variance_head"] = _fit_variance_head(
             net, spec, arrays, normalizer, opts, progress, cancel, folds
         )
+        if folds:  # the fold networks' training, before the head's own seconds
+            summary["variance_head"]["fold_networks_seconds"] = (
+                time.perf_counter() - t_folds - summary["variance_head"]["seconds"]
+            )
     calibration = _calibrate(net, spec, val_set, normalizer, reference, bundle_sm, arrays.images)
     summary["calibration"] = calibration.summary
     template = template_mesh_for(train_subjects, mesh_particles, shape_model.mean, arrays.particles)
