@@ -11,7 +11,7 @@ SimpleITK is imported lazily (through ``io`` / ``preprocess``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,6 +310,10 @@ class TrainingOptions:
     mc_dropout: float = 0.2
     mc_samples: int = 30
     variance_corruptions: int = 12  # corrupted copies of each training image the variance head sees
+    # K ≥ 2: fit the variance head on out-of-fold residuals: K extra networks, each trained like the
+    # main one without one fold of the training subjects (K × the training time); 0: the main
+    # network's own (in-sample) residuals. BENCHMARKS.md, uncertainty: "Out-of-fold head"
+    variance_folds: int = 0
     # "float16": the image encoder's large tensors stored as float16 when that moves no predicted
     # particle of the reference image by more than 0.01 mm (bundle.half_precision_weights); loaded as float32
     bundle_weights: str = "float16"
@@ -561,60 +565,12 @@ def train_model(
     normalizer = IntensityNormalizer.fit(arrays.images)
     shape_model = ShapeModel.fit(arrays.particles)
 
-    # -- augmentation
+    # -- augmentation, then the validation split of the pool (real + offline augmented)
     real = _ArrayDataset(arrays.images, arrays.particles)
-    augmented: Any = None
-    aug_info: dict[str, Any] = {"kind": "none"}
-    if opts.augment_online or opts.augment > 0:
-        from .augment import dataset as aug_dataset
-        from .augment import make_sampler
-
-        sampler = make_sampler(opts.sampler)
-        sampler.fit(shape_model.project(arrays.particles))
-        if opts.augment_online:
-            n_online = opts.augment or 4 * len(real)
-            augmented = aug_dataset.OnlineAugmentedDataset(
-                arrays.images,
-                arrays.particles,
-                grid,
-                shape_model,
-                sampler,
-                samples_per_epoch=n_online,
-                seed=opts.seed,
-                device=opts.device,
-            )
-            aug_info = {"kind": "online", "sampler": opts.sampler, "samples_per_epoch": n_online}
-        else:
-            aug_dir = work / "augmentation"
-            if rank == 0:
-                aug_dataset.write_augmented_set(
-                    aug_dir,
-                    arrays.images,
-                    arrays.particles,
-                    grid,
-                    shape_model,
-                    sampler,
-                    opts.augment,
-                    seed=opts.seed,
-                    device=opts.device,
-                    progress=progress,
-                    cancel=cancel,
-                )
-            barrier()
-            augmented = aug_dataset.AugmentedSet(aug_dir)
-            aug_info = {"kind": "offline", "sampler": opts.sampler, "n": opts.augment, "dir": str(aug_dir)}
-
-    # -- validation split of the pool (real + offline augmented); online samples stay in training
-    rng = np.random.default_rng(opts.seed)
-    pool = _Concat([real, augmented if not opts.augment_online else None])
-    order = rng.permutation(len(pool))
-    n_val = max(1, round(opts.val_fraction * len(pool)))
-    val_parts: list[Any] = [_Subset(pool, sorted(order[:n_val]))]
-    if val_arrays is not None:
-        val_parts.append(_ArrayDataset(val_arrays.images, val_arrays.particles))
-    # online: the trainer streams fresh warps of the real training images every epoch
-    train_set = augmented if opts.augment_online else _Concat([_Subset(pool, sorted(order[n_val:]))])
-    val_set = _Concat(val_parts)
+    augmented, aug_info = _augment(
+        arrays, grid, shape_model, opts, work / "augmentation", rank, barrier, progress, cancel
+    )
+    train_set, val_set = _split_pool(real, augmented, opts, val_arrays)
 
     fields: dict[str, Any] = dict(opts.extra or {})
     fields.update(
@@ -669,9 +625,15 @@ def train_model(
         bundle_sm.score_std = single.score_std.detach().cpu().double().numpy()
     summary["training_images_aligned"] = opts.align
     if spec.method == "variance":
+        t_folds = time.perf_counter()
+        folds = _fold_networks(config, arrays, grid, normalizer, opts, work, world, progress, cancel)
         spec, summary["variance_head"] = _fit_variance_head(
-            net, spec, arrays, normalizer, opts, progress, cancel
+            net, spec, arrays, normalizer, opts, progress, cancel, folds
         )
+        if folds:  # the fold networks' training, before the head's own seconds
+            summary["variance_head"]["fold_networks_seconds"] = (
+                time.perf_counter() - t_folds - summary["variance_head"]["seconds"]
+            )
     calibration = _calibrate(net, spec, val_set, normalizer, reference, bundle_sm, arrays.images)
     summary["calibration"] = calibration.summary
     template = template_mesh_for(train_subjects, mesh_particles, shape_model.mean, arrays.particles)
@@ -696,6 +658,76 @@ def train_model(
     return TrainOutcome(path, work, summary)
 
 
+def _augment(
+    arrays: TrainingArrays,
+    grid: Grid,
+    shape_model: Any,
+    opts: TrainingOptions,
+    aug_dir: Path,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+    progress: ProgressCallback = null_progress,
+    cancel: CancelToken | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The augmented set of ``arrays`` (``(dataset or None, info)``): offline samples written to
+    ``aug_dir`` (by rank 0), or an online stream, as ``opts`` asks; ``(None, {"kind": "none"})``
+    without augmentation."""
+    if not (opts.augment_online or opts.augment > 0):
+        return None, {"kind": "none"}
+    from .augment import dataset as aug_dataset
+    from .augment import make_sampler
+
+    sampler = make_sampler(opts.sampler)
+    sampler.fit(shape_model.project(arrays.particles))
+    if opts.augment_online:
+        n_online = opts.augment or 4 * len(arrays.images)
+        augmented = aug_dataset.OnlineAugmentedDataset(
+            arrays.images,
+            arrays.particles,
+            grid,
+            shape_model,
+            sampler,
+            samples_per_epoch=n_online,
+            seed=opts.seed,
+            device=opts.device,
+        )
+        return augmented, {"kind": "online", "sampler": opts.sampler, "samples_per_epoch": n_online}
+    if rank == 0:
+        aug_dataset.write_augmented_set(
+            aug_dir,
+            arrays.images,
+            arrays.particles,
+            grid,
+            shape_model,
+            sampler,
+            opts.augment,
+            seed=opts.seed,
+            device=opts.device,
+            progress=progress,
+            cancel=cancel,
+        )
+    barrier()
+    info = {"kind": "offline", "sampler": opts.sampler, "n": opts.augment, "dir": str(aug_dir)}
+    return aug_dataset.AugmentedSet(aug_dir), info
+
+
+def _split_pool(
+    real: Any, augmented: Any, opts: TrainingOptions, val_arrays: TrainingArrays | None
+) -> tuple[Any, Any]:
+    """``(train_set, val_set)``: ``opts.val_fraction`` of the pool (real + offline augmented, drawn
+    from ``opts.seed``) plus the cohort's own validation subjects ``val_arrays`` validate; online
+    samples stay in training (the trainer streams fresh warps of the real images every epoch)."""
+    rng = np.random.default_rng(opts.seed)
+    pool = _Concat([real, augmented if not opts.augment_online else None])
+    order = rng.permutation(len(pool))
+    n_val = max(1, round(opts.val_fraction * len(pool)))
+    val_parts: list[Any] = [_Subset(pool, sorted(order[:n_val]))]
+    if val_arrays is not None:
+        val_parts.append(_ArrayDataset(val_arrays.images, val_arrays.particles))
+    train_set = augmented if opts.augment_online else _Concat([_Subset(pool, sorted(order[n_val:]))])
+    return train_set, _Concat(val_parts)
+
+
 def uncertainty_spec(opts: TrainingOptions) -> Any:
     """The :class:`~DeepSSMLogic.uncertainty.UncertaintySpec` the options ask for (validated)."""
     from .uncertainty import UncertaintySpec
@@ -707,6 +739,11 @@ def uncertainty_spec(opts: TrainingOptions) -> Any:
     n = opts.variance_corruptions
     if spec.method == "variance" and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000):
         raise InputError(f"--variance-corruptions: expected an integer in 0..1000, found {n!r}")
+    k = opts.variance_folds
+    if isinstance(k, bool) or not isinstance(k, int) or not (k == 0 or 2 <= k <= 20):
+        raise InputError(f"--variance-folds: expected 0 (off) or an integer in 2..20, found {k!r}")
+    if k and spec.method != "variance":
+        raise InputError(f"--variance-folds {k} needs --uncertainty variance, found {spec.method!r}")
     return spec
 
 
@@ -757,6 +794,70 @@ def _train_networks(
     return first
 
 
+def _fold_networks(
+    config: Any,
+    arrays: TrainingArrays,
+    grid: Grid,
+    normalizer: Any,
+    opts: TrainingOptions,
+    work: Path,
+    world: int,
+    progress: ProgressCallback,
+    cancel: CancelToken | None,
+) -> list[tuple[Any, np.ndarray]] | None:
+    """``opts.variance_folds`` ≥ 2: ``[(network, held-out subject indices)]``, fold k = the training
+    subjects at positions ``i % K == k``; each network is trained like the main one (same config,
+    seed and augmentation settings) on the other folds only, with its own shape model and augmented
+    set (``work/variance-folds/fold-k``, resumable), so the fold's subjects reach it neither as
+    images nor through augmentation (the intensity normaliser is the main one's). None when off."""
+    import dataclasses
+
+    from .shape_model import ShapeModel
+    from .training import train
+
+    k = opts.variance_folds
+    if not k:
+        return None
+    n = len(arrays.images)
+    if world > 1:
+        raise InputError(
+            "--variance-folds: not supported under torchrun (several processes); run on one device"
+        )
+    if n < 2 * k:
+        raise InputError(f"--variance-folds {k}: needs at least {2 * k} training subjects, found {n}")
+    folds = []
+    for fold in range(k):
+        held = np.flatnonzero(np.arange(n) % k == fold)
+        keep = np.flatnonzero(np.arange(n) % k != fold)
+        sub = dataclasses.replace(
+            arrays,
+            images=arrays.images[keep],
+            particles=arrays.particles[keep],
+            ids=[arrays.ids[i] for i in keep],
+            segmentations=None if arrays.segmentations is None else arrays.segmentations[keep],
+        )
+        shape_model = ShapeModel.fit(sub.particles)
+        folder = work / "variance-folds" / f"fold-{fold}"
+        augmented, _ = _augment(
+            sub, grid, shape_model, opts, folder / "augmentation", progress=progress, cancel=cancel
+        )
+        train_set, val_set = _split_pool(_ArrayDataset(sub.images, sub.particles), augmented, opts, None)
+        progress(ProgressEvent("variance-folds", fold, k, f"training fold network {fold + 1} of {k}"))
+        result = train(
+            config,
+            train_set,
+            val_set,
+            folder / "training",
+            progress,
+            cancel,
+            resume=opts.resume,
+            shape_model=shape_model,
+            image_transform=normalizer,
+        )
+        folds.append((result.model.eval(), held))
+    return folds
+
+
 def _fit_variance_head(
     net: Any,
     spec: Any,
@@ -765,11 +866,13 @@ def _fit_variance_head(
     opts: TrainingOptions,
     progress: ProgressCallback,
     cancel: CancelToken | None,
+    folds: Sequence[tuple[Any, np.ndarray]] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The ``variance`` stage: fit the variance head on the frozen trained ``net`` from the real
     training arrays, each clean and, for each of the head's MLPs, ``opts.variance_corruptions`` times
-    corrupted (``variance_head.fit_variance_head``), attach it to ``net`` and return the spec with its config
-    and the stage's summary. The network's particles (hence its accuracy) do not change."""
+    corrupted (``variance_head.fit_variance_head``; with ``folds``, the residuals are those of the
+    fold network that did not see the subject), attach it to ``net`` and return the spec with its
+    config and the stage's summary. The network's particles (hence its accuracy) do not change."""
     import dataclasses
     import time
 
@@ -787,6 +890,7 @@ def _fit_variance_head(
         corruptions=opts.variance_corruptions,
         seed=opts.seed,
         check_cancel=cancel.check if cancel is not None else (lambda: None),
+        fold_networks=folds,
     )
     attach_variance_head(net, head.to(next(net.parameters()).device))
     summary["seconds"] = time.perf_counter() - t0

@@ -227,6 +227,49 @@ def _features_of(
     return torch.cat(feats), np.concatenate(descs)
 
 
+def _fold_descriptors(
+    net: nn.Module,
+    folds: Sequence[tuple[nn.Module, np.ndarray]],
+    arrays: Sequence[np.ndarray],
+    index: np.ndarray,
+    normalizer: Callable[[np.ndarray], np.ndarray],
+    batch_size: int,
+    check_cancel: Callable[[], None],
+) -> np.ndarray:
+    """``(N, K)``: for each of ``arrays`` (of subject ``index[i]``), the particles predicted by the
+    fold network that did not see that subject, as descriptors of ``net`` (:func:`true_descriptors`:
+    Base, the least-squares PCA scores in ``net``'s basis; TL, ``net``'s code)."""
+    out: np.ndarray | None = None
+    done = np.zeros(len(arrays), dtype=bool)
+    for fold_net, held in folds:
+        rows = np.flatnonzero(np.isin(index, held))
+        if not len(rows):
+            continue
+        was_training = fold_net.training
+        fold_net.eval()
+        device = next(fold_net.parameters()).device
+        parts = []
+        try:
+            for start in range(0, len(rows), batch_size):
+                check_cancel()
+                batch = [normalizer(arrays[i]) for i in rows[start : start + batch_size]]
+                x = torch.from_numpy(np.stack(batch)[:, None].astype(np.float32)).to(device)
+                with torch.no_grad():
+                    parts.append(features_and_prediction(fold_net, x)[2].double().cpu().numpy())
+        finally:
+            fold_net.train(was_training)
+        desc = true_descriptors(net, np.concatenate(parts))
+        if out is None:
+            out = np.full((len(arrays), desc.shape[1]), np.nan)
+        out[rows] = desc
+        done[rows] = True
+    if out is None or not done.all():
+        raise InputError(
+            f"variance head folds: {int((~done).sum())} of {len(arrays)} images belong to no fold's held-out subjects"
+        )
+    return out
+
+
 def _head_training_sets(
     net: nn.Module,
     images: np.ndarray,
@@ -237,16 +280,20 @@ def _head_training_sets(
     seed: int,
     batch_size: int,
     check_cancel: Callable[[], None],
+    folds: Sequence[tuple[nn.Module, np.ndarray]] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, np.ndarray, np.ndarray]], dict[str, int]]:
     """One training set per head: ``[(features (N', F), predicted descriptors (N', K), subject
     index (N',))] × draws`` and the image count by kind. Each set holds every training image clean
     (the same in every set, computed once) and ``corruptions`` times corrupted, drawn by
     ``random_corruption`` from its own generator ``default_rng([seed, draw])`` (corrupted in raw
-    intensities on the grid, then normalised like a prediction input)."""
+    intensities on the grid, then normalised like a prediction input). With ``folds``
+    (``[(network, held-out subject indices)]``) the predicted descriptors are the fold networks'
+    (out-of-fold, :func:`_fold_descriptors`); the features stay ``net``'s."""
     n = len(images)
-    clean_f, clean_d = _features_of(
-        net, [np.asarray(a, dtype=np.float32) for a in images], normalizer, batch_size, check_cancel
-    )
+    clean = [np.asarray(a, dtype=np.float32) for a in images]
+    clean_f, clean_d = _features_of(net, clean, normalizer, batch_size, check_cancel)
+    if folds:
+        clean_d = _fold_descriptors(net, folds, clean, np.arange(n), normalizer, batch_size, check_cancel)
     kinds = {"clean": n} | {k: 0 for k in RANDOM_LEVELS}  # distinct images through the network
     sets = []
     for draw in range(draws):
@@ -261,6 +308,8 @@ def _head_training_sets(
         index = np.concatenate([np.arange(n), np.repeat(np.arange(n), corruptions)])
         if arrays:
             f, d = _features_of(net, arrays, normalizer, batch_size, check_cancel)
+            if folds:
+                d = _fold_descriptors(net, folds, arrays, index[n:], normalizer, batch_size, check_cancel)
             sets.append((torch.cat([clean_f, f]), np.concatenate([clean_d, d]), index))
         else:
             sets.append((clean_f, clean_d, index))
@@ -357,12 +406,17 @@ def fit_variance_head(
     seed: int = 0,
     batch_size: int = 8,
     check_cancel: Callable[[], None] = lambda: None,
+    fold_networks: Sequence[tuple[nn.Module, np.ndarray]] | None = None,
     **head_options: Any,
 ) -> tuple[VarianceHead, dict[str, Any]]:
     """Fit the variance head of the frozen ``net`` on the raw training arrays ``images``
     ``(N, Z, Y, X)`` with true ``particles`` ``(N, M, 3)`` mm (see the module docstring); returns
     the head (CPU, eval mode; attach it with :func:`attach_variance_head`) and a summary for the
-    training record. ``head_options``: :func:`fit_heads` keywords."""
+    training record. ``fold_networks`` (``[(network, held-out subject indices)]``, every subject in
+    one fold): the residuals are those of the network that did not see the subject (out-of-fold;
+    ``net``'s own residuals on its training subjects are memorised once it fits them, see
+    BENCHMARKS.md "Out-of-fold head"); the features stay ``net``'s. ``head_options``:
+    :func:`fit_heads` keywords."""
     if isinstance(corruptions, bool) or not isinstance(corruptions, int) or corruptions < 0:
         raise InputError(f"variance head corruptions: expected an integer ≥ 0, found {corruptions!r}")
     if len(images) != len(particles) or len(images) < 2:
@@ -377,7 +431,16 @@ def fit_variance_head(
     net.eval()
     try:
         sets, kinds = _head_training_sets(
-            net, images, normalizer, spacing_zyx, corruptions, heads, seed, batch_size, check_cancel
+            net,
+            images,
+            normalizer,
+            spacing_zyx,
+            corruptions,
+            heads,
+            seed,
+            batch_size,
+            check_cancel,
+            fold_networks,
         )
         truth = true_descriptors(net, particles)
         feats = [f for f, _, _ in sets]
@@ -401,5 +464,7 @@ def fit_variance_head(
         "features": FEATURES[0],
         "final_nll": losses,
         "residual_rms": float(np.sqrt(np.mean([(r**2).mean() for r in residuals]))),
+        "residuals": "out-of-fold" if fold_networks else "in-sample",
+        "folds": len(fold_networks) if fold_networks else 0,
     }
     return head, summary

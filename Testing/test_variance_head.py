@@ -31,6 +31,7 @@ from DeepSSMLogic.variance_head import (
     VarianceHead,
     attach_variance_head,
     decoder_jacobian,
+    features_and_prediction,
     fit_heads,
     fit_variance_head,
     particle_uncertainty,
@@ -208,6 +209,65 @@ def test_each_mlp_gets_its_own_corruption_draw_and_the_same_clean_images():
     assert all(torch.equal(s[0], t[0]) for s, t in zip(sets, again, strict=True))  # seeded
 
 
+def _shifted_copy(net, shift: float):
+    """A copy of ``net`` whose predicted descriptor is ``net``'s plus ``shift`` × score SD in every mode."""
+    import copy
+
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other.encoder.fc[-1].bias.add_(shift)
+    return other.eval()
+
+
+def test_out_of_fold_residuals_come_from_the_network_that_did_not_see_the_subject():
+    from DeepSSMLogic.variance_head import _head_training_sets
+
+    net, sm, grid, _, norm = _trained_like_net(0)
+    images, _ = _phantom_set(grid, 3, sm)
+    args = (net, images, norm, grid.spacing[::-1], 2, 2, 0, 4, lambda: None)
+    own, _ = _head_training_sets(*args)
+    # subjects 0 and 2: a fold network identical to net; subject 1: one predicting 0.5 SD higher
+    folds = [(net, np.array([0, 2])), (_shifted_copy(net, 0.5), np.array([1]))]
+    oof, _ = _head_training_sets(*args, folds=folds)
+    shift = 0.5 * net.score_std.double().numpy()
+    for (f, d, index), (f_oof, d_oof, index_oof) in zip(own, oof, strict=True):
+        assert torch.equal(f, f_oof) and np.array_equal(index, index_oof)  # net's features, always
+        one = index == 1
+        assert np.allclose(d_oof[~one], d[~one], atol=1e-3)
+        assert np.allclose(d_oof[one] - d[one], shift, atol=1e-3)  # the other network's prediction
+    with pytest.raises(InputError, match="1 of 3 images belong to no fold's held-out subjects"):
+        _head_training_sets(*args, folds=folds[:1])
+
+
+def test_fit_variance_head_on_out_of_fold_residuals_records_it_and_sees_their_size():
+    net, sm, grid, _, norm = _trained_like_net(0)
+    images, particles = _phantom_set(grid, 4, sm)
+    kw = dict(corruptions=1, seed=0, steps=200, heads=2)
+    _, own = fit_variance_head(net, images, particles, norm, grid.spacing[::-1], **kw)
+    far = [(_shifted_copy(net, 3.0), np.array([0, 1])), (_shifted_copy(net, -3.0), np.array([2, 3]))]
+    head, oof = fit_variance_head(net, images, particles, norm, grid.spacing[::-1], fold_networks=far, **kw)
+    assert own["residuals"] == "in-sample" and own["folds"] == 0
+    assert oof["residuals"] == "out-of-fold" and oof["folds"] == 2
+    assert oof["residual_rms"] > 2 * own["residual_rms"]  # the fold networks' (3 SD off) residuals
+    feats = torch.from_numpy(np.stack([norm(a) for a in images])[:, None].astype(np.float32))
+    with torch.no_grad():
+        f = features_and_prediction(net, feats)[0]
+        assert bool((head(f).exp().sqrt() > 2.0 * net.score_std).all())  # σ ≈ 3 SD learnt
+
+
+def test_bad_fold_count_is_refused_before_training():
+    from DeepSSMLogic.pipeline import TrainingOptions, uncertainty_spec
+
+    assert uncertainty_spec(TrainingOptions(uncertainty="variance", variance_folds=4)).method == "variance"
+    for bad in (1, -2, 21, True, 2.5):
+        with pytest.raises(
+            InputError, match=r"--variance-folds: expected 0 \(off\) or an integer in 2\.\.20"
+        ):
+            uncertainty_spec(TrainingOptions(uncertainty="variance", variance_folds=bad))
+    with pytest.raises(InputError, match="--variance-folds 3 needs --uncertainty variance, found 'none'"):
+        uncertainty_spec(TrainingOptions(variance_folds=3))
+
+
 def test_variance_keeps_the_networks_particles_and_gives_finite_mm():
     net, spec, summary, *_ = _variance_net()
     # 4 subjects, each clean once and 2 corrupted for each of the default 6 MLPs (one draw each)
@@ -381,3 +441,51 @@ def test_train_variance_then_predict_and_evaluate_end_to_end(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["calibration"]["available"] and metrics["calibration"]["method"] == "variance"
+
+
+@pytest.mark.slow
+def test_train_with_variance_folds_trains_each_fold_network_without_its_subjects(
+    tmp_path, monkeypatch, capsys
+):
+    from DeepSSMLogic import training
+    from DeepSSMLogic.cohort import load_cohort, subject_particles
+    from DeepSSMLogic.synthetic import generate_cohort
+
+    csv = generate_cohort(
+        "cranium", 12, tmp_path / "cohort", seed=3, image_size=(32, 32, 32), spacing=3.0, n_particles=64
+    )
+    calls = []
+    real_train = training.train
+
+    def recording_train(config, train_set, val_set, out_dir, *args, **kwargs):
+        calls.append(
+            (
+                Path(out_dir),
+                [p for _, p in (train_set[i] for i in range(len(train_set)))],
+                [p for _, p in (val_set[i] for i in range(len(val_set)))],
+            )
+        )
+        return real_train(config, train_set, val_set, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train", recording_train)
+    rc = main(["train", str(csv), "--out", str(tmp_path / "var"), "--epochs", "1", "--augment", "4",
+               "--batch-size", "4", "--spacing", "4", "--device", "cpu", "--seed", "1", "--quiet",
+               "--encoder", "light", "--uncertainty", "variance", "--variance-corruptions", "1",
+               "--variance-folds", "2"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    vh = read_bundle_meta(tmp_path / "var")["training_summary"]["variance_head"]
+    assert vh["residuals"] == "out-of-fold" and vh["folds"] == 2 and vh["fold_networks_seconds"] > 0
+    work = tmp_path / "var.work"
+    assert [c[0] for c in calls[1:]] == [work / "variance-folds" / f"fold-{k}" / "training" for k in (0, 1)]
+    subjects = load_cohort(csv).by_split("train")
+    truth = [subject_particles(s).astype(np.float32) for s in subjects]
+
+    def holds(parts, i):
+        return any(np.allclose(p, truth[i], atol=1e-4) for p in parts)
+
+    main_train, main_val = calls[0][1], calls[0][2]
+    assert all(holds(main_train + main_val, i) for i in range(len(subjects)))  # the main network: all
+    for k, (_, tr, va) in enumerate(calls[1:]):
+        for i in range(len(subjects)):
+            # fold k's subjects (i % 2 == k) reach its network neither in training nor in validation
+            assert holds(tr + va, i) == (i % 2 != k), (k, i)

@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ensemble-size", type=int, default=3)
     p.add_argument("--mc-samples", type=int, default=30)
     p.add_argument("--variance-corruptions", type=int, default=12)
+    p.add_argument(
+        "--variance-folds", type=int, default=0, help="variance: out-of-fold head (K fold networks)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--align", action="store_true", help="predict with registration (CLI default) instead")
@@ -299,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             ensemble_size=args.ensemble_size,
             mc_samples=args.mc_samples,
             variance_corruptions=args.variance_corruptions,
+            variance_folds=args.variance_folds if method == "variance" else 0,
         )
         t0 = time.perf_counter()
         bundle = out / f"model-{method}"
