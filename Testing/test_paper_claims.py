@@ -382,3 +382,15 @@ def test_focal_reading_names_the_threshold_and_the_weight_at_the_models_error(tm
     st = pc.analyse({"femur": [seed(0, 0.4, 0.3), seed(1, 0.4, 0.3)]}, args)
     (line,) = [x for x in pc._focal_reading(st) if x]
     assert "weight 2.7e-01" in line and "stopped teaching" not in line
+
+
+def test_finished_only_leaves_out_a_seed_that_lacks_models_of_this_grid(tmp_path):
+    """A seed finished by a --grid claims run is not finished for --grid full: --finished-only must
+    skip it rather than train its missing models."""
+    pc = _module()
+    seed_dir = tmp_path / "cranium" / "seed0"
+    seed_dir.mkdir(parents=True)
+    (seed_dir / "seed.json").write_text(json.dumps({"models": {"base-l2": {}}}))
+    assert pc.seed_finished(seed_dir, "cranium", pc.parse_args(["--grid", "claims"])) is True
+    assert pc.seed_finished(seed_dir, "cranium", pc.parse_args(["--grid", "full"])) is False
+    assert pc.seed_finished(tmp_path / "cranium" / "seed1", "cranium", pc.parse_args([])) is False

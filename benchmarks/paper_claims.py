@@ -147,6 +147,15 @@ def variants_for(family: str, args: argparse.Namespace) -> list[str]:
     return list(VARIANTS) if args.grid == "full" else CLAIMS_GRID[family]
 
 
+def seed_finished(seed_dir: Path, family: str, args: argparse.Namespace) -> bool:
+    """Whether ``seed_dir/seed.json`` holds every model this run asks for (``--finished-only`` must
+    train nothing: a seed finished by a run with a smaller grid is left out, not completed)."""
+    done_file = seed_dir / "seed.json"
+    if not done_file.exists():
+        return False
+    return set(variants_for(family, args)) <= set(json.loads(done_file.read_text())["models"])
+
+
 # -- one seed of one family ---------------------------------------------------------------------------
 def _downstream(an: dict[str, Any], predicted: bool) -> dict[str, Any]:
     clf = next(
@@ -1136,7 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
         done: dict[str, list[dict[str, Any]]] = {fam: [] for fam in args.families}
         doc = None
         for fam, s in run_order(args.families, seeds, args.order):
-            if args.finished_only and not (out / fam / f"seed{s}" / "seed.json").exists():
+            if args.finished_only and not seed_finished(out / fam / f"seed{s}", fam, args):
                 continue
             done[fam].append(run_seed(fam, s, args, out))
             # after every seed, so that a run stopped later still leaves its finished seeds reported
