@@ -26,7 +26,7 @@ UNCERTAINTY_VERSION = 2  # 2: method "variance" (its "head" object); other metho
 UNCERTAINTY_VERSION_V1 = 1
 VARIANCE_FEATURES = ("conv-mean",)  # variance_head.FEATURES
 VARIANCE_HEAD_LIMITS = {"n_features": 100_000, "n_outputs": 100_000, "hidden": 4096, "heads": 32}
-OOD_VERSION = 1
+OOD_VERSION = 2  # 2: the intensity component is scaled on the training images left out one at a time (ood.calibrate references); the validation values are stored
 OOD_COMPONENTS = ("descriptor_mahalanobis", "uncertainty_mm", "intensity", "registration")
 OOD_FEATURES = 9  # ood.FEATURE_NAMES
 

@@ -174,6 +174,7 @@ def evaluate(bundle_path: Path, images: dict[str, Any], align: bool = False) -> 
                 "unc": None if p.uncertainty is None else np.asarray(p.uncertainty),
                 "flag": bool(p.ood["flag"]) if p.ood else None,
                 "score": float(p.ood["score"]) if p.ood else None,
+                "components": p.ood["components"] if p.ood else None,
             }
         )
     noise = pr.predict_many(images["noise"], batch_size=8)
@@ -211,6 +212,14 @@ def evaluate(bundle_path: Path, images: dict[str, Any], align: bool = False) -> 
         "strong": [r["score"] for r in rows if r["level"] == 3],
         "noise": [p.ood["score"] if p.ood else None for p in noise],
         "other": [p.ood["score"] if p.ood else None for p in other],
+    }
+    # the component values, so flags can be recomputed under another calibration rule
+    res["components"] = {
+        "clean": [r["components"] for r in rows if r["kind"] == "clean"],
+        "strong": [r["components"] for r in rows if r["level"] == 3],
+        "noise": [p.ood["components"] if p.ood else None for p in noise],
+        "other": [p.ood["components"] if p.ood else None for p in other],
+        "validation": pr.ood_calibration.validation if pr.ood_calibration else None,
     }
     res["rmse_by_kind_level"] = {
         f"{k}{lv}": float(np.mean([r["rmse"] for r in rows if r["kind"] == k and r["level"] == lv]))
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         res["calibration"] = summary.get("calibration")
         results[method] = res
         print(
-            f"[{method}] trained in {train_s:.0f} s; {json.dumps({k: v for k, v in res.items() if k != 'scores'})}"
+            f"[{method}] trained in {train_s:.0f} s; {json.dumps({k: v for k, v in res.items() if k not in ('scores', 'components')})}"
         )
         sys.stdout.flush()
     base = results.get("none")
