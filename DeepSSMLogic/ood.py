@@ -24,6 +24,7 @@ false-alarm rate of clean images low when the split happens to be very tight. Th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -286,6 +287,7 @@ def calibrate(
     return cal
 
 
+@functools.lru_cache(maxsize=64)
 def null_threshold(n: int, k: int, quantile: float = DEFAULT_QUANTILE, draws: int = NULL_DRAWS) -> float:
     """The ``quantile`` of the score (max of ``k`` robust z-scores, each scaled by :func:`_robust` on
     ``n`` reference samples) of an in-family sample, by simulation with a fixed seed.

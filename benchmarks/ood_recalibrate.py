@@ -60,7 +60,11 @@ def evaluate(study: Path, method: str, rule: str) -> dict[str, Any]:
         out[s] = float(np.mean([v["flag"] for v in verdicts]))
         if s == "clean":
             out["clean_flagged"] = [
-                {"image": i, "score": round(v["score"], 2), "by": max(cal.zscores(comps[s][i]).items(), key=lambda kv: kv[1])[0]}
+                {
+                    "image": i,
+                    "score": round(v["score"], 2),
+                    "by": max(cal.zscores(comps[s][i]).items(), key=lambda kv: kv[1])[0],
+                }
                 for i, v in enumerate(verdicts)
                 if v["flag"]
             ]
@@ -74,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study", nargs="+", required=True, type=Path)
     p.add_argument("--methods", nargs="+", default=["none", "variance"])
     args = p.parse_args(argv)
-    print("| study | method | rule | threshold | clean | strong | pure noise | other anatomy | min strong score | flagged clean (score, by) |")
+    print(
+        "| study | method | rule | threshold | clean | strong | pure noise | other anatomy | min strong score | flagged clean (score, by) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for study in args.study:
         for m in args.methods:
             for rule in RULES:
                 r = evaluate(study, m, rule)
-                flagged = "; ".join(f"#{f['image']} {f['score']} {f['by']}" for f in r["clean_flagged"]) or "-"
+                flagged = (
+                    "; ".join(f"#{f['image']} {f['score']} {f['by']}" for f in r["clean_flagged"]) or "-"
+                )
                 print(
                     f"| {study} | {m} | {rule} | {r['threshold']:.2f} | {r['clean']:.0%} | {r['strong']:.0%} | "
                     f"{r['noise']:.0%} | {r['other']:.0%} | {r['strong_min_score']:.1f} | {flagged} |"
