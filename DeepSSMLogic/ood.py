@@ -14,12 +14,21 @@ frame and, when the bundle has it, the per-particle uncertainty):
 * ``registration`` — ``1 − NCC`` between the normalised input and the normalised reference image on
   the reference grid (after the predictor's alignment): how well the image matches the model's atlas.
 
-Each component is turned into a robust z-score against its distribution on the validation split
-(median and 1.4826 × MAD, at least half the SD and 5 % of the median), and the score is the largest z. The threshold is the 99th
-percentile of the validation scores, but at least :data:`MIN_THRESHOLD` (3 robust SDs): the validation
-split is small (tens of samples) so its 99th percentile is close to its maximum, and a floor keeps the
-false-alarm rate of clean images low when the split happens to be very tight. The calibration
-(:class:`OODCalibration`) is stored in the bundle as ``model.json["ood"]``.
+Each component is turned into a robust z-score (median and 1.4826 × MAD, at least half the SD and
+5 % of the median) against a reference sample of in-family values, and the score is the largest z.
+The reference is the validation split, except for ``intensity`` (calibration version 2): its
+reference is the training images' leave-one-out distances (:meth:`IntensityReference.leave_one_out`),
+because the intensity reference is fitted on those images and the validation split is mostly
+augmented copies of them, whose distances are in-sample and too tight (cohort 1 of the uncertainty
+study: validation scale 0.116 against 0.238 left out). The threshold is the largest of the 99th
+percentile of the validation scores, :func:`null_threshold` (the 99th percentile of the score of an
+in-family sample when each component is a ``|N(0, 1)|`` distance scaled on as many samples as the
+smallest reference: it carries the skew of a distance, the error of a small-sample median and MAD,
+and the maximum over the components, which a fixed "3 robust SDs" ignores) and :data:`MIN_THRESHOLD`.
+Version 1 calibrations (validation references, threshold = validation 99th percentile ≥ 3) load and
+score as before: the stored medians, scales and threshold are used as they are. The calibration
+(:class:`OODCalibration`) is stored in the bundle as ``model.json["ood"]``, with (version 2) the
+validation values and the intensity reference's values, so a flag can be recomputed from them.
 """
 
 from __future__ import annotations

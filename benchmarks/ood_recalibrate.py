@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SETS = ("clean", "strong", "noise", "other")
+SETS = ("clean", "strong", "noise", "other", "moderate", "mild")
 RULES = ("v1", "+loo", "+null", "v2")
 
 
@@ -56,6 +56,9 @@ def evaluate(study: Path, method: str, rule: str) -> dict[str, Any]:
     cal = calibration(rule, comps["validation"], meta)
     out: dict[str, Any] = {"threshold": cal.threshold}
     for s in SETS:
+        if s not in comps:  # studies before the moderate/mild sets were saved
+            out[s] = None
+            continue
         verdicts = [cal.assess(v) for v in comps[s]]
         out[s] = float(np.mean([v["flag"] for v in verdicts]))
         if s == "clean":
@@ -68,6 +71,7 @@ def evaluate(study: Path, method: str, rule: str) -> dict[str, Any]:
                 for i, v in enumerate(verdicts)
                 if v["flag"]
             ]
+            out["clean_max_score"] = max(v["score"] for v in verdicts)
         if s == "strong":
             out["strong_min_score"] = min(v["score"] for v in verdicts)
     return out
@@ -79,19 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["none", "variance"])
     args = p.parse_args(argv)
     print(
-        "| study | method | rule | threshold | clean | strong | pure noise | other anatomy | min strong score | flagged clean (score, by) |"
+        "| study | method | rule | threshold | clean | max clean score | strong | pure noise | other anatomy "
+        "| min strong score | moderate (level 2) | mild (level 1) | flagged clean (image score component) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{v:.0%}"
+
     for study in args.study:
         for m in args.methods:
             for rule in RULES:
                 r = evaluate(study, m, rule)
-                flagged = (
-                    "; ".join(f"#{f['image']} {f['score']} {f['by']}" for f in r["clean_flagged"]) or "-"
-                )
+                flagged = "; ".join(f"#{f['image']} {f['score']} {f['by']}" for f in r["clean_flagged"])
                 print(
-                    f"| {study} | {m} | {rule} | {r['threshold']:.2f} | {r['clean']:.0%} | {r['strong']:.0%} | "
-                    f"{r['noise']:.0%} | {r['other']:.0%} | {r['strong_min_score']:.1f} | {flagged} |"
+                    f"| {study} | {m} | {rule} | {r['threshold']:.2f} | {pct(r['clean'])} | "
+                    f"{r['clean_max_score']:.2f} | {pct(r['strong'])} | {pct(r['noise'])} | {pct(r['other'])} | "
+                    f"{r['strong_min_score']:.1f} | {pct(r['moderate'])} | {pct(r['mild'])} | {flagged or '-'} |"
                 )
     return 0
 

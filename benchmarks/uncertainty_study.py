@@ -217,6 +217,8 @@ def evaluate(bundle_path: Path, images: dict[str, Any], align: bool = False) -> 
     res["components"] = {
         "clean": [r["components"] for r in rows if r["kind"] == "clean"],
         "strong": [r["components"] for r in rows if r["level"] == 3],
+        "moderate": [r["components"] for r in rows if r["level"] == 2],
+        "mild": [r["components"] for r in rows if r["level"] == 1],
         "noise": [p.ood["components"] if p.ood else None for p in noise],
         "other": [p.ood["components"] if p.ood else None for p in other],
         "validation": pr.ood_calibration.validation if pr.ood_calibration else None,
