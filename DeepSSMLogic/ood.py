@@ -204,8 +204,9 @@ class OODCalibration:
         for name, zi in sorted(z.items(), key=lambda kv: -kv[1]):
             if zi > self.threshold:
                 ref = self.components[name]
+                src = "training images left out" if name in self.extra.get("reference", {}) else "validation"
                 reasons.append(
-                    f"{name}: {_REASONS.get(name, name)} ({values[name]:.3g}; validation median "
+                    f"{name}: {_REASONS.get(name, name)} ({values[name]:.3g}; {src}: median "
                     f"{ref['median']:.3g}, 99th percentile {ref['p99']:.3g})"
                 )
         return {

@@ -147,3 +147,15 @@ def test_schema_names_bad_stored_calibration_samples(tmp_path):
     bad["ood"]["extra"]["reference"]["intensity"]["values"] = []
     with pytest.raises(BundleError, match=r"'ood\.extra\.reference\.intensity\.values'"):
         validate_meta(bad, "m")
+
+
+def test_reasons_name_the_reference_a_component_was_judged_against():
+    rng = np.random.default_rng(2)
+    cal = calibrate(_rows(rng, 23), IntensityReference(np.zeros(9), np.ones(9)), 3,
+                    references={"intensity": [1.0 + 0.5 * abs(x) for x in rng.standard_normal(28)]})  # fmt: skip
+    far = cal.assess({"descriptor_mahalanobis": 50.0, "intensity": 50.0, "registration": 1.0})
+    text = " ".join(far["reasons"])
+    assert "intensity: the intensities look unlike the training images (50; training images left out" in text
+    assert (
+        "descriptor_mahalanobis: the predicted shape is far from the training shapes (50; validation" in text
+    )

@@ -16,6 +16,8 @@ Printed per method:
   over those images (target ≥ 0.3);
 * OOD flag rates: clean held-out (≤ 5 %), strongly corrupted, pure-noise images, and another anatomy
   (images of a second synthetic family shown to this model) (≥ 95 % each);
+* (saved in the JSON) every image's OOD component values and the bundle's validation values, so
+  ``benchmarks/ood_recalibrate.py`` can recompute the flags under other calibration rules;
 * CPU prediction time per image (``Predictor.predict_many``, batch 8, warm) and the ratio to none
   (target ≤ 3×), total and forward-only.
 
