@@ -26,7 +26,7 @@ UNCERTAINTY_VERSION = 2  # 2: method "variance" (its "head" object); other metho
 UNCERTAINTY_VERSION_V1 = 1
 VARIANCE_FEATURES = ("conv-mean",)  # variance_head.FEATURES
 VARIANCE_HEAD_LIMITS = {"n_features": 100_000, "n_outputs": 100_000, "hidden": 4096, "heads": 32}
-OOD_VERSION = 1
+OOD_VERSION = 2  # 2: the intensity component is scaled on the training images left out one at a time (ood.calibrate references); the validation values are stored
 OOD_COMPONENTS = ("descriptor_mahalanobis", "uncertainty_mm", "intensity", "registration")
 OOD_FEATURES = 9  # ood.FEATURE_NAMES
 
@@ -249,6 +249,23 @@ def _validate_ood(f: _Fields, cal: Any) -> None:
     inten = f.mapping(cal, "ood.intensity", "intensity")
     f.vector(f.get(inten, "ood.intensity.mean", "mean"), "ood.intensity.mean", OOD_FEATURES)
     f.vector(f.get(inten, "ood.intensity.std", "std"), "ood.intensity.std", OOD_FEATURES, positive=True)
+    # version 2: the calibration's own samples (validation values, the intensity reference's
+    # leave-one-out distances), kept so the flags can be recomputed; optional, lists of numbers
+    samples = [(f"ood.validation.{k}", v) for k, v in (cal.get("validation") or {}).items()]
+    extra = cal.get("extra") or {}
+    if not isinstance(extra, dict):
+        f.fail("ood.extra", "an object", extra)
+    ref = extra.get("reference") or {}
+    if not isinstance(ref, dict):
+        f.fail("ood.extra.reference", "an object", ref)
+    for name, r in ref.items():
+        if name not in OOD_COMPONENTS or not isinstance(r, dict):
+            f.fail("ood.extra.reference", f"objects named by components among {list(OOD_COMPONENTS)}", name)
+        samples.append((f"ood.extra.reference.{name}.values", r.get("values")))
+    for where, values in samples:
+        if not isinstance(values, list) or not values:
+            f.fail(where, "a non-empty list of numbers", values)
+        f.vector(values, where, len(values))
 
 
 WEIGHTS_STORAGE = ("float32", "float16")

@@ -14,16 +14,26 @@ frame and, when the bundle has it, the per-particle uncertainty):
 * ``registration`` — ``1 − NCC`` between the normalised input and the normalised reference image on
   the reference grid (after the predictor's alignment): how well the image matches the model's atlas.
 
-Each component is turned into a robust z-score against its distribution on the validation split
-(median and 1.4826 × MAD, at least half the SD and 5 % of the median), and the score is the largest z. The threshold is the 99th
-percentile of the validation scores, but at least :data:`MIN_THRESHOLD` (3 robust SDs): the validation
-split is small (tens of samples) so its 99th percentile is close to its maximum, and a floor keeps the
-false-alarm rate of clean images low when the split happens to be very tight. The calibration
-(:class:`OODCalibration`) is stored in the bundle as ``model.json["ood"]``.
+Each component is turned into a robust z-score (median and 1.4826 × MAD, at least half the SD and
+5 % of the median) against a reference sample of in-family values, and the score is the largest z.
+The reference is the validation split, except for ``intensity`` (calibration version 2): its
+reference is the training images' leave-one-out distances (:meth:`IntensityReference.leave_one_out`),
+because the intensity reference is fitted on those images and the validation split is mostly
+augmented copies of them, whose distances are in-sample and too tight (cohort 1 of the uncertainty
+study: validation scale 0.116 against 0.238 left out). The threshold is the largest of the 99th
+percentile of the validation scores, :func:`null_threshold` (the 99th percentile of the score of an
+in-family sample when each component is a ``|N(0, 1)|`` distance scaled on as many samples as the
+smallest reference: it carries the skew of a distance, the error of a small-sample median and MAD,
+and the maximum over the components, which a fixed "3 robust SDs" ignores) and :data:`MIN_THRESHOLD`.
+Version 1 calibrations (validation references, threshold = validation 99th percentile ≥ 3) load and
+score as before: the stored medians, scales and threshold are used as they are. The calibration
+(:class:`OODCalibration`) is stored in the bundle as ``model.json["ood"]``, with (version 2) the
+validation values and the intensity reference's values, so a flag can be recomputed from them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +50,10 @@ COMPONENTS = OOD_COMPONENTS
 MIN_THRESHOLD = 3.0
 DEFAULT_QUANTILE = 0.99
 MAHALANOBIS_VARIANCE = 0.99
+NULL_DRAWS = 20_000
+NULL_SEED = 13
+NULL_MAX_N = 200
+REFERENCE_SOURCES = {"intensity": "training images, leave one out"}
 _FEATURE_SD_FLOOR = 0.05  # features are in normaliser-SD units (or fractions): below this is noise
 _REASONS = {
     "descriptor_mahalanobis": "the predicted shape is far from the training shapes",
@@ -116,6 +130,15 @@ class IntensityReference:
         sd = f.std(axis=0, ddof=1) if f.shape[0] > 1 else np.zeros(f.shape[1])
         return cls(f.mean(axis=0), np.maximum(sd, _FEATURE_SD_FLOOR))
 
+    @staticmethod
+    def leave_one_out(features: Sequence[np.ndarray]) -> list[float]:
+        """Each training image's distance from the reference fitted on the other images: how far an
+        image of the family the reference has not seen lies (empty for fewer than 3 images)."""
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[0] < 3:
+            return []
+        return [IntensityReference.fit(np.delete(f, i, axis=0)).distance(f[i]) for i in range(len(f))]
+
     def distance(self, features: np.ndarray) -> float:
         z = (np.asarray(features, dtype=np.float64) - self.mean) / self.std
         return float(np.sqrt(np.mean(z**2)))
@@ -163,6 +186,7 @@ class OODCalibration:
     n_calibration: int = 0
     version: int = OOD_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, list[float]] = field(default_factory=dict)  # per component, v2 bundles
 
     def zscores(self, values: dict[str, float]) -> dict[str, float]:
         out = {}
@@ -180,8 +204,9 @@ class OODCalibration:
         for name, zi in sorted(z.items(), key=lambda kv: -kv[1]):
             if zi > self.threshold:
                 ref = self.components[name]
+                src = "training images left out" if name in self.extra.get("reference", {}) else "validation"
                 reasons.append(
-                    f"{name}: {_REASONS.get(name, name)} ({values[name]:.3g}; validation median "
+                    f"{name}: {_REASONS.get(name, name)} ({values[name]:.3g}; {src}: median "
                     f"{ref['median']:.3g}, 99th percentile {ref['p99']:.3g})"
                 )
         return {
@@ -203,6 +228,7 @@ class OODCalibration:
             "components": {k: {kk: float(vv) for kk, vv in v.items()} for k, v in self.components.items()},
             "intensity": self.intensity.to_dict(),
             **({"extra": self.extra} if self.extra else {}),
+            **({"validation": self.validation} if self.validation else {}),
         }
 
     @classmethod
@@ -219,6 +245,7 @@ class OODCalibration:
             n_calibration=int(d.get("n_calibration", 0)),
             version=int(d["version"]),
             extra=dict(d.get("extra", {})),
+            validation={k: [float(x) for x in v] for k, v in d.get("validation", {}).items()},
         )
 
 
@@ -238,16 +265,64 @@ def calibrate(
     n_modes: int,
     quantile: float = DEFAULT_QUANTILE,
     min_threshold: float = MIN_THRESHOLD,
+    references: dict[str, Sequence[float]] | None = None,
 ) -> OODCalibration:
-    """The calibration from the component values of the validation predictions ``rows``."""
+    """The calibration from the component values of the validation predictions ``rows``.
+
+    ``references``: per component, values of unseen in-family samples to take its median and scale
+    from instead of ``rows`` (v2: ``intensity`` from :meth:`IntensityReference.leave_one_out`; the
+    validation split is mostly augmented copies of the training images the intensity reference was
+    fitted on, so its intensity distances are in-sample and understate an unseen image's spread).
+    The threshold is the largest of the validation scores' ``quantile``, :func:`null_threshold`
+    (the same quantile of an in-family sample's score under a conservative model, with ``n`` the
+    smallest reference sample) and ``min_threshold``."""
     if len(rows) < 2:
         raise InputError(f"OOD calibration needs at least 2 validation predictions, found {len(rows)}")
     names = [c for c in COMPONENTS if all(c in r for r in rows)]
-    comps = {c: _robust(np.array([r[c] for r in rows])) for c in names}
+    refs = {c: list(v) for c, v in (references or {}).items() if c in names and len(v) >= 2}
+    comps = {c: _robust(np.array(refs.get(c) or [r[c] for r in rows])) for c in names}
     cal = OODCalibration(min_threshold, comps, intensity, n_modes, quantile, len(rows))
+    cal.validation = {c: [float(r[c]) for r in rows] for c in names}
+    if refs:
+        cal.extra = {
+            "reference": {
+                c: {"source": REFERENCE_SOURCES[c], "values": [float(x) for x in v]} for c, v in refs.items()
+            }
+        }
     scores = [cal.assess(r)["score"] for r in rows]
-    cal.threshold = max(float(np.quantile(scores, quantile)), float(min_threshold))
+    n_ref = min(len(refs.get(c) or rows) for c in names)
+    null = null_threshold(n_ref, len(names), quantile)
+    cal.extra = {**cal.extra, "null_threshold": null, "null_n": n_ref}
+    cal.threshold = max(float(np.quantile(scores, quantile)), null, float(min_threshold))
     return cal
+
+
+@functools.lru_cache(maxsize=64)
+def null_threshold(n: int, k: int, quantile: float = DEFAULT_QUANTILE, draws: int = NULL_DRAWS) -> float:
+    """The ``quantile`` of the score (max of ``k`` robust z-scores, each scaled by :func:`_robust` on
+    ``n`` reference samples) of an in-family sample, by simulation with a fixed seed.
+
+    Each component is modelled as the size of one Gaussian deviation, ``|N(0, 1)|``: all four are
+    non-negative distances, and a chi with one degree of freedom has the heaviest upper tail
+    relative to its median and MAD among the norms of Gaussian vectors, so the model is a
+    conservative one. The simulation carries the three things a fixed "3 robust SDs" ignores: the
+    skew of a distance, the error of a median and MAD from ``n`` samples, and the maximum over ``k``
+    components (taken as independent, which is conservative too). ``n`` above
+    :data:`NULL_MAX_N` is simulated as :data:`NULL_MAX_N` (a slightly higher threshold)."""
+    if n < 2 or k < 1:
+        raise InputError(f"OOD null threshold: expected n >= 2 samples and k >= 1 components, found {n}, {k}")
+    n = min(int(n), NULL_MAX_N)
+    rng = np.random.default_rng(NULL_SEED)
+    z = []
+    for start in range(0, draws, 2000):
+        m = min(2000, draws - start)
+        ref = np.abs(rng.standard_normal((m, k, n)))
+        new = np.abs(rng.standard_normal((m, k)))
+        med = np.median(ref, axis=-1)
+        mad = 1.4826 * np.median(np.abs(ref - med[..., None]), axis=-1)
+        scale = np.maximum.reduce([mad, 0.5 * ref.std(axis=-1, ddof=1), 0.05 * med, np.full_like(med, 1e-6)])
+        z.append(((new - med) / scale).max(axis=-1))
+    return float(np.quantile(np.concatenate(z), quantile))
 
 
 def fit_uncertainty_scale(triples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> float:

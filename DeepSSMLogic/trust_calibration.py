@@ -56,7 +56,8 @@ def calibrate_model(
     ``shape_model``: the bundle's PCA; ``train_images``: the raw real training images ``(N, Z, Y, X)``."""
     network = network.to("cpu").eval()
     unscaled = UncertaintySpec(**{**spec.__dict__, "scale": 1.0})
-    intensity = ood.IntensityReference.fit([ood.image_statistics(img, normalizer) for img in train_images])
+    train_features = [ood.image_statistics(img, normalizer) for img in train_images]
+    intensity = ood.IntensityReference.fit(train_features)
     n_modes = ood.mahalanobis_modes(shape_model)
     ref_x = normalizer(np.asarray(reference, dtype=np.float32))
     image_rows, truths, preds, uncs = [], [], [], []
@@ -78,7 +79,8 @@ def calibrate_model(
         for row, p, u in zip(image_rows, preds, uncs, strict=True)
     ]
     # fewer than 2 validation predictions (a tiny cohort without augmentation): no OOD calibration
-    cal = ood.calibrate(rows, intensity, n_modes) if len(rows) >= 2 else None
+    references = {"intensity": ood.IntensityReference.leave_one_out(train_features)}
+    cal = ood.calibrate(rows, intensity, n_modes, references=references) if len(rows) >= 2 else None
     rmse = [float(np.sqrt(((p - t) ** 2).sum(-1).mean())) for t, p, _ in triples]
     summary: dict[str, Any] = {"n_validation": n, "val_rmse_mm": float(np.mean(rmse))}
     if spec.enabled:

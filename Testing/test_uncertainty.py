@@ -166,7 +166,7 @@ def test_ood_threshold_is_the_validation_quantile_with_a_floor():
 def test_bundle_round_trip_with_uncertainty_and_ood(uq_bundle):
     b = load_bundle(uq_bundle)
     meta = read_bundle_meta(uq_bundle)
-    assert meta["uncertainty"]["version"] == 1 and meta["ood"]["version"] == 1
+    assert meta["uncertainty"]["version"] == 1 and meta["ood"]["version"] == 2
     assert b.uncertainty.enabled and b.uncertainty.scale > 0
     assert b.ood_calibration.threshold == meta["ood"]["threshold"]
     assert set(b.ood_calibration.components) == {

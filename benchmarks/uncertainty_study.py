@@ -16,6 +16,8 @@ Printed per method:
   over those images (target ≥ 0.3);
 * OOD flag rates: clean held-out (≤ 5 %), strongly corrupted, pure-noise images, and another anatomy
   (images of a second synthetic family shown to this model) (≥ 95 % each);
+* (saved in the JSON) every image's OOD component values and the bundle's validation values, so
+  ``benchmarks/ood_recalibrate.py`` can recompute the flags under other calibration rules;
 * CPU prediction time per image (``Predictor.predict_many``, batch 8, warm) and the ratio to none
   (target ≤ 3×), total and forward-only.
 
@@ -174,6 +176,7 @@ def evaluate(bundle_path: Path, images: dict[str, Any], align: bool = False) -> 
                 "unc": None if p.uncertainty is None else np.asarray(p.uncertainty),
                 "flag": bool(p.ood["flag"]) if p.ood else None,
                 "score": float(p.ood["score"]) if p.ood else None,
+                "components": p.ood["components"] if p.ood else None,
             }
         )
     noise = pr.predict_many(images["noise"], batch_size=8)
@@ -211,6 +214,16 @@ def evaluate(bundle_path: Path, images: dict[str, Any], align: bool = False) -> 
         "strong": [r["score"] for r in rows if r["level"] == 3],
         "noise": [p.ood["score"] if p.ood else None for p in noise],
         "other": [p.ood["score"] if p.ood else None for p in other],
+    }
+    # the component values, so flags can be recomputed under another calibration rule
+    res["components"] = {
+        "clean": [r["components"] for r in rows if r["kind"] == "clean"],
+        "strong": [r["components"] for r in rows if r["level"] == 3],
+        "moderate": [r["components"] for r in rows if r["level"] == 2],
+        "mild": [r["components"] for r in rows if r["level"] == 1],
+        "noise": [p.ood["components"] if p.ood else None for p in noise],
+        "other": [p.ood["components"] if p.ood else None for p in other],
+        "validation": pr.ood_calibration.validation if pr.ood_calibration else None,
     }
     res["rmse_by_kind_level"] = {
         f"{k}{lv}": float(np.mean([r["rmse"] for r in rows if r["kind"] == k and r["level"] == lv]))
@@ -318,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         res["calibration"] = summary.get("calibration")
         results[method] = res
         print(
-            f"[{method}] trained in {train_s:.0f} s; {json.dumps({k: v for k, v in res.items() if k != 'scores'})}"
+            f"[{method}] trained in {train_s:.0f} s; {json.dumps({k: v for k, v in res.items() if k not in ('scores', 'components')})}"
         )
         sys.stdout.flush()
     base = results.get("none")
