@@ -120,6 +120,24 @@ def resolve_epochs(epochs: int | str, encoder: str) -> tuple[int, str]:
     return epochs, "given"
 
 
+# The variance head fitted on the main network's own residuals learns too little about unseen
+# subjects once the network memorises them (30 epochs): out-of-fold residuals from 4 fold networks
+# met the per-image rank target on two femur cohorts (BENCHMARKS.md, "Out-of-fold head").
+DEFAULT_VARIANCE_FOLDS = 4
+
+
+def resolve_variance_folds(requested: int | None, n_train: int) -> tuple[int, str]:
+    """``(K, source)`` for ``--uncertainty variance``: the requested K (0 = in-sample residuals), or
+    for None ("auto") :data:`DEFAULT_VARIANCE_FOLDS` folds, fewer when there are too few training
+    subjects for 2 per fold, none below 4 subjects."""
+    if requested is not None:
+        return requested, "given"
+    k = min(DEFAULT_VARIANCE_FOLDS, n_train // 2)
+    if k < 2:
+        return 0, f"auto: {n_train} training subjects are too few for out-of-fold residuals"
+    return k, f"auto: {k} folds of {n_train} training subjects"
+
+
 def resolve_spacing(
     opts: TrainingOptions, particles: np.ndarray, first: Any, ids: Sequence[str] | None = None
 ) -> tuple[float | tuple[float, float, float], dict[str, Any]]:
@@ -312,8 +330,9 @@ class TrainingOptions:
     variance_corruptions: int = 12  # corrupted copies of each training image the variance head sees
     # K ≥ 2: fit the variance head on out-of-fold residuals: K extra networks, each trained like the
     # main one without one fold of the training subjects (K × the training time); 0: the main
-    # network's own (in-sample) residuals. BENCHMARKS.md, uncertainty: "Out-of-fold head"
-    variance_folds: int = 0
+    # network's own (in-sample) residuals; None: auto (resolve_variance_folds).
+    # BENCHMARKS.md, uncertainty: "Out-of-fold head"
+    variance_folds: int | None = None
     # "float16": the image encoder's large tensors stored as float16 when that moves no predicted
     # particle of the reference image by more than 0.01 mm (bundle.half_precision_weights); loaded as float32
     bundle_weights: str = "float16"
@@ -626,10 +645,12 @@ def train_model(
     summary["training_images_aligned"] = opts.align
     if spec.method == "variance":
         t_folds = time.perf_counter()
-        folds = _fold_networks(config, arrays, grid, normalizer, opts, work, world, progress, cancel)
+        n_folds, folds_source = resolve_variance_folds(opts.variance_folds, len(arrays.images))
+        folds = _fold_networks(config, arrays, grid, normalizer, opts, n_folds, work, world, progress, cancel)
         spec, summary["variance_head"] = _fit_variance_head(
             net, spec, arrays, normalizer, opts, progress, cancel, folds
         )
+        summary["variance_head"]["folds_source"] = folds_source
         if folds:  # the fold networks' training, before the head's own seconds
             summary["variance_head"]["fold_networks_seconds"] = (
                 time.perf_counter() - t_folds - summary["variance_head"]["seconds"]
@@ -740,7 +761,7 @@ def uncertainty_spec(opts: TrainingOptions) -> Any:
     if spec.method == "variance" and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000):
         raise InputError(f"--variance-corruptions: expected an integer in 0..1000, found {n!r}")
     k = opts.variance_folds
-    if isinstance(k, bool) or not isinstance(k, int) or not (k == 0 or 2 <= k <= 20):
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not (k == 0 or 2 <= k <= 20)):
         raise InputError(f"--variance-folds: expected 0 (off) or an integer in 2..20, found {k!r}")
     if k and spec.method != "variance":
         raise InputError(f"--variance-folds {k} needs --uncertainty variance, found {spec.method!r}")
@@ -800,12 +821,13 @@ def _fold_networks(
     grid: Grid,
     normalizer: Any,
     opts: TrainingOptions,
+    k: int,
     work: Path,
     world: int,
     progress: ProgressCallback,
     cancel: CancelToken | None,
 ) -> list[tuple[Any, np.ndarray]] | None:
-    """``opts.variance_folds`` ≥ 2: ``[(network, held-out subject indices)]``, fold k = the training
+    """``k`` ≥ 2 folds: ``[(network, held-out subject indices)]``, fold k = the training
     subjects at positions ``i % K == k``; each network is trained like the main one (same config,
     seed and augmentation settings) on the other folds only, with its own shape model and augmented
     set (``work/variance-folds/fold-k``, resumable), so the fold's subjects reach it neither as
@@ -815,7 +837,6 @@ def _fold_networks(
     from .shape_model import ShapeModel
     from .training import train
 
-    k = opts.variance_folds
     if not k:
         return None
     n = len(arrays.images)

@@ -413,7 +413,8 @@ def test_train_variance_then_predict_and_evaluate_end_to_end(tmp_path, capsys):
     assert main(["train", str(csv), "--out", str(tmp_path / "none"), *common]) == 0
     # the same finished network (resumed from none's checkpoint) plus the head
     rc = main(["train", str(csv), "--out", str(tmp_path / "var"), "--work-dir", str(tmp_path / "none.work"),
-               "--resume", *common, "--uncertainty", "variance", "--variance-corruptions", "2"])  # fmt: skip
+               "--resume", *common, "--uncertainty", "variance", "--variance-corruptions", "2",
+               "--variance-folds", "0"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     meta = read_bundle_meta(tmp_path / "var")
     assert meta["uncertainty"]["method"] == "variance" and meta["uncertainty"]["head"]["n_features"] == 64
@@ -475,6 +476,7 @@ def test_train_with_variance_folds_trains_each_fold_network_without_its_subjects
     assert rc == 0, capsys.readouterr().err
     vh = read_bundle_meta(tmp_path / "var")["training_summary"]["variance_head"]
     assert vh["residuals"] == "out-of-fold" and vh["folds"] == 2 and vh["fold_networks_seconds"] > 0
+    assert vh["folds_source"] == "given"
     work = tmp_path / "var.work"
     assert [c[0] for c in calls[1:]] == [work / "variance-folds" / f"fold-{k}" / "training" for k in (0, 1)]
     subjects = load_cohort(csv).by_split("train")
@@ -489,3 +491,17 @@ def test_train_with_variance_folds_trains_each_fold_network_without_its_subjects
         for i in range(len(subjects)):
             # fold k's subjects (i % 2 == k) reach its network neither in training nor in validation
             assert holds(tr + va, i) == (i % 2 != k), (k, i)
+
+
+def test_variance_folds_default_to_out_of_fold_residuals_when_there_are_enough_subjects():
+    """``--uncertainty variance`` without ``--variance-folds`` fits the head on 4 folds (the setting
+    that met the per-image target), fewer with under 8 training subjects, none under 4; a given K wins."""
+    from DeepSSMLogic.pipeline import DEFAULT_VARIANCE_FOLDS, TrainingOptions, resolve_variance_folds
+
+    assert TrainingOptions(uncertainty="variance").variance_folds is None
+    assert DEFAULT_VARIANCE_FOLDS == 4
+    assert resolve_variance_folds(None, 28) == (4, "auto: 4 folds of 28 training subjects")
+    assert resolve_variance_folds(None, 7)[0] == 3
+    k, why = resolve_variance_folds(None, 3)
+    assert k == 0 and "too few" in why
+    assert resolve_variance_folds(0, 28) == (0, "given") and resolve_variance_folds(6, 28) == (6, "given")

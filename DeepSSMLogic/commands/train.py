@@ -129,11 +129,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--variance-folds",
         type=int,
-        default=0,
+        default=None,
         help="variance: fit the head on out-of-fold residuals of K extra networks, each trained like the "
         "main one without one fold of the training subjects (K times the training time; 4 raised the "
         "per-image uncertainty/error rank correlation from 0.53 to 0.68 and 0.63 to 0.79 on two "
-        "30-epoch femur cohorts, nothing at 8 epochs; BENCHMARKS.md); 0 = off (default)",
+        "30-epoch femur cohorts, nothing at 8 epochs; BENCHMARKS.md). Default: 4 (fewer with under 8 "
+        "training subjects); 0 = the main network's own residuals (no extra training)",
     )
     parser.add_argument(
         "--bundle-weights",
@@ -276,4 +277,9 @@ def run(args: argparse.Namespace) -> int:
             f"peak memory: {_memory_text(s)}\n"
             f"intermediate files: {outcome.work_dir}"
         )
+        head = s.get("variance_head")
+        if head:
+            print(
+                f"variance head: {head.get('folds', 0)} out-of-fold networks ({head.get('folds_source', 'given')})"
+            )
     return 0
